@@ -1,0 +1,82 @@
+"""Argument checks and small tensor helpers shared by the selection methods."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# One (H, W) token grid, or several grids whose tokens are concatenated in order
+# (LLaVA-NeXT: base tile, then the high-res grid). Each grid covers the whole image.
+Grid = tuple[int, int] | Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a method returns to the runtime: kept image-token indices (ascending), and the
+    kept tokens' new hidden states when the method merges (None: keep them as they are)."""
+
+    indices: Tensor  # [k] long, ascending
+    merged: Tensor | None = None  # [k, D]
+
+
+def check_keep(keep: object) -> int:
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    return keep
+
+
+def check_matrix(name: str, x: object, rows: int | None = None) -> Tensor:
+    """A 2-D floating tensor, optionally with a given number of rows."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 2-D floating tensor [N, D], got {shape}")
+    if rows is not None and x.shape[0] != rows:
+        raise ValueError(f"{name} has {x.shape[0]} rows, expected {rows} (one per image token)")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: there are no image tokens to select from")
+    return x
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """fp32 rows scaled to unit L2 norm; zero rows stay zero and NaNs become zero, so
+    similarities are always finite."""
+    x = torch.nan_to_num(x.float())
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def grid_coords(grid: Grid, n: int, device: torch.device | None = None) -> tuple[Tensor, float]:
+    """Row-major (x, y) token coordinates `[N, 2]` and the diagonal that normalizes distances.
+
+    With several grids, each is scaled into the frame of the largest one, since every grid
+    covers the same image: a token's coordinates then say where in the image it looks.
+    """
+    grids = [tuple(grid)] if _is_single_grid(grid) else [tuple(g) for g in grid]
+    for g in grids:
+        if len(g) != 2 or not all(isinstance(v, int) and v >= 1 for v in g):
+            raise ValueError(f"grid must be (H, W) with positive ints, or a list of them; got {grid!r}")
+    total = sum(h * w for h, w in grids)
+    if total != n:
+        raise ValueError(f"grid {grid!r} holds {total} tokens but there are {n} image tokens")
+    big_h = max(h for h, _ in grids)
+    big_w = max(w for _, w in grids)
+    parts = []
+    for h, w in grids:
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        xy = torch.stack([xs.flatten(), ys.flatten()], dim=1).float()  # [h*w, 2]
+        if (h, w) != (big_h, big_w):
+            xy = (xy + 0.5) * torch.tensor([big_w / w, big_h / h]) - 0.5
+        parts.append(xy)
+    return torch.cat(parts).to(device), math.sqrt(big_h**2 + big_w**2)
+
+
+def _is_single_grid(grid: Grid) -> bool:
+    return isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) for v in grid)
+
+
+def all_tokens(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device)
