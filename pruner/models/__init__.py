@@ -1,0 +1,18 @@
+"""One adapter per VLM family; `adapter_class` picks it from a checkpoint's `model_type`."""
+from __future__ import annotations
+
+from .base import Adapter, ImageLayout, Prepared
+from .llava import LlavaAdapter
+
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+
+
+def adapter_class(model_type: str) -> type[Adapter]:
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls
+    supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
+    raise ValueError(f"unsupported model architecture {model_type!r}; supported: {supported}")
+
+
+__all__ = ["ADAPTERS", "Adapter", "ImageLayout", "Prepared", "adapter_class"]

@@ -1,0 +1,357 @@
+"""Batched generation with visual-token pruning: prefill, decode_step, generate_tokens.
+
+Prefill runs layers < K on the full left-padded batch, asks the method which image tokens
+each sample keeps, rebuilds the batch from the kept tokens (original order, original
+position ids, merged hidden states where the method merges), re-pads it, and runs layers
+>= K on that shorter batch. Each layer caches only what it saw, so the cache below K holds
+the full prompt and the cache from K on the pruned one. Decoding is unchanged by pruning:
+every layer attends over its own cache with its own padding mask.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .methods import Method, Selection, Signals
+from .models import Adapter, Prepared
+
+
+# ---------------------------------------------------------------------- attention
+
+
+def _with_last_row(inner: Callable) -> Callable:
+    """Wrap an attention function so that one call can also report the last query's
+    attention row (FastV's signal) while attention itself stays SDPA."""
+
+    def attention(module, query, key, value, attention_mask, *, pruner_last_row=None, **kwargs):
+        if pruner_last_row is not None:
+            pruner_last_row.append(last_row_attention(module, query, key, attention_mask, kwargs["scaling"]))
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def last_row_attention(module, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+    """softmax(q_last . K^T * scaling) over the causal row, averaged over heads: [B, S]."""
+    q = query[:, :, -1:, :].float()  # [B, H, 1, hd]
+    k = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # [B, H, S, hd]
+    scores = q @ k.transpose(-1, -2) * scaling  # [B, H, 1, S]
+    if mask is not None:
+        scores = scores + mask[:, :, -1:, : k.shape[2]].float()
+    return scores.softmax(-1).mean(dim=1)[:, 0]  # [B, S]
+
+
+ATTENTION = {"sdpa": "pruner_sdpa", "eager": "pruner_eager"}
+AttentionInterface.register("pruner_sdpa", _with_last_row(sdpa_attention_forward))
+AttentionInterface.register("pruner_eager", _with_last_row(eager_attention_forward))
+
+
+def causal_mask(pad: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask [B, 1, S, S]: causal, padding keys hidden; every token sees itself so
+    padding rows stay finite."""
+    s = pad.shape[1]
+    eye = torch.eye(s, dtype=torch.bool, device=pad.device)
+    allowed = torch.ones_like(eye).tril() & pad[:, None, :] | eye  # [B, S, S]
+    return _additive(allowed[:, None], dtype)
+
+
+def decode_mask(pad: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask [B, 1, 1, S] for one new token over a cache with padding `pad` [B, S]."""
+    return _additive(pad[:, None, None, :], dtype)
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+# ---------------------------------------------------------------------- cache
+
+
+class KVCache:
+    """Keys and values per layer, preallocated for `room` decode steps after the prompt.
+    Layers may hold different lengths; each knows its own. Implements the `update` call
+    that transformers' attention modules make."""
+
+    def __init__(self, num_layers: int, room: int):
+        self.keys: list[Tensor | None] = [None] * num_layers  # [B, kv_heads, capacity, hd]
+        self.values: list[Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+        self.room = room
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, kwargs: dict | None = None) -> tuple[Tensor, Tensor]:
+        i, n = layer_idx, key.shape[2]
+        if self.keys[i] is None:
+            b, h, _, d = key.shape
+            self.keys[i] = key.new_empty(b, h, n + self.room, d)
+            self.values[i] = value.new_empty(b, value.shape[1], n + self.room, value.shape[3])
+        start, end = self.lengths[i], self.lengths[i] + n
+        self.keys[i][:, :, start:end] = key
+        self.values[i][:, :, start:end] = value
+        self.lengths[i] = end
+        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+
+
+# ---------------------------------------------------------------------- batch
+
+
+@dataclass
+class Batch:
+    """A left-padded batch on the model's device."""
+
+    input_ids: Tensor  # [B, L]
+    pad: Tensor  # [B, L] bool, real tokens
+    embeds: Tensor  # [B, L, D]
+    positions: Tensor  # [P, B, L]
+    image_positions: list[Tensor]  # per sample [N_b], columns of prunable image tokens
+    grids: list
+
+
+def collate(adapter: Adapter, samples: list[Prepared], device: torch.device) -> Batch:
+    lengths = torch.tensor([len(s.input_ids) for s in samples])
+    b, width = len(samples), int(lengths.max())
+    offsets = width - lengths  # left padding per sample
+    input_ids = torch.zeros(b, width, dtype=torch.long)
+    pad = torch.arange(width)[None, :] >= offsets[:, None]  # [B, L]
+    input_ids[pad] = torch.cat([s.input_ids for s in samples])
+    input_ids, pad = input_ids.to(device), pad.to(device)
+
+    vision = {k: v.to(device) for k, v in adapter.collate_vision(samples).items()}
+    embeds = adapter.embed_tokens(input_ids)  # [B, L, D]
+    features = torch.cat(adapter.image_features(vision)).to(embeds.dtype)
+    placeholders = (input_ids == adapter.image_token_id) & pad
+    if int(placeholders.sum()) != features.shape[0]:
+        raise ValueError(f"the prompts hold {int(placeholders.sum())} image tokens but the vision "
+                         f"tower made {features.shape[0]} features")
+    embeds[placeholders] = features
+    layouts = [adapter.layout(s.input_ids, s.vision) for s in samples]
+    return Batch(
+        input_ids=input_ids, pad=pad, embeds=embeds,
+        positions=adapter.positions(input_ids, pad, vision),
+        image_positions=[lay.positions.to(device) + int(off) for lay, off in zip(layouts, offsets)],
+        grids=[lay.grid for lay in layouts],
+    )
+
+
+def compact(keep: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+    """Keep the marked tokens of each row in order, left-padded to the longest row.
+    keep: [B, L] bool; each x: [B, L, ...]. Returns (pad [B, L'], *xs as [B, L', ...])."""
+    counts = keep.sum(dim=1)  # [B]
+    width = int(counts.max())
+    dest = keep.long().cumsum(dim=1) - 1 + (width - counts)[:, None]  # [B, L] new column
+    rows, cols = keep.nonzero(as_tuple=True)
+    new_cols = dest[rows, cols]
+    pad = torch.zeros(keep.shape[0], width, dtype=torch.bool, device=keep.device)
+    pad[rows, new_cols] = True
+    out = [pad]
+    for x in xs:
+        y = x.new_zeros((keep.shape[0], width, *x.shape[2:]))
+        y[rows, new_cols] = x[rows, cols]
+        out.append(y)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------- pruning
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to prune: the method, each sample's budget as a function of its N, the layer
+    K after whose predecessor in-LLM methods run, and the method's parameters."""
+
+    method: Method
+    keep_for: Callable[[int], int]
+    layer: int = 2
+    params: dict = field(default_factory=dict)
+
+
+def select(plan: Plan, batch: Batch, signals: dict[str, Callable[[int, Tensor], Tensor]]) -> list[Selection]:
+    """Per-sample selection (samples differ in N). signals[name](b, columns) -> tensor."""
+    out = []
+    for b, (cols, grid) in enumerate(zip(batch.image_positions, batch.grids)):
+        n = len(cols)
+        k = plan.keep_for(n)
+        if k >= n:
+            out.append(Selection(torch.arange(n, device=cols.device)))
+            continue
+        missing = plan.method.needs - signals.keys()
+        if missing:
+            raise ValueError(f"method {plan.method.name!r} needs {sorted(missing)}, not available "
+                             f"at its stage ({plan.method.stage})")
+        sig = Signals(grid=grid, **{name: signals[name](b, cols) for name in plan.method.needs})
+        out.append(plan.method.run(sig, k, **plan.params))
+    return out
+
+
+def apply(batch_pad: Tensor, hidden: Tensor, image_positions: list[Tensor],
+          selections: list[Selection]) -> tuple[Tensor, Tensor]:
+    """Mark dropped image tokens and write merged states: (keep [B, L], hidden [B, L, D])."""
+    keep = batch_pad.clone()
+    hidden = hidden.clone()
+    for b, (cols, sel) in enumerate(zip(image_positions, selections)):
+        keep[b, cols] = False
+        kept_cols = cols[sel.indices]
+        keep[b, kept_cols] = True
+        if sel.merged is not None:
+            hidden[b, kept_cols] = sel.merged.to(hidden.dtype)
+    return keep, hidden
+
+
+# ---------------------------------------------------------------------- prefill / decode
+
+
+@dataclass
+class Segment:
+    """Consecutive layers that share one cache length and padding mask."""
+
+    layers: range
+    pad: Tensor  # [B, S] bool
+
+
+@dataclass
+class State:
+    cache: KVCache
+    segments: list[Segment]
+    next_position: Tensor  # [B] position of the first generated token
+    num_position_dims: int
+    selections: list[Selection]
+    image_tokens: list[int]
+    prompt_tokens: list[int]
+    prompt_tokens_kept: list[int]
+    pruned_positions: Tensor | None = None  # [P, B, L'] positions entering layer K
+    steps: int = 0
+
+
+def run_layers(adapter: Adapter, layers: range, h: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor],
+               cache: KVCache, last_row: list | None = None) -> Tensor:
+    for i in layers:
+        extra = {"pruner_last_row": last_row} if last_row is not None and i == layers[-1] else {}
+        h = adapter.layers[i](h, attention_mask=mask, position_embeddings=rope, cache=cache, **extra)
+    return h
+
+
+def logits_last(adapter: Adapter, h: Tensor) -> Tensor:
+    return adapter.lm_head(adapter.norm(h[:, -1]))  # [B, V]
+
+
+def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int) -> tuple[Tensor, State]:
+    """Run the prompt through the LLM, pruning as `plan` says. Returns last-token logits
+    [B, V] and the decoding state."""
+    num_layers = len(adapter.layers)
+    cache = KVCache(num_layers, room)
+    h, pad, positions = batch.embeds, batch.pad, batch.positions
+    prompt_tokens = pad.sum(dim=1).tolist()
+    next_position = positions.amax(dim=(0, 2)) + 1  # [B]; padding columns hold small ids
+    stage = plan.method.stage
+    selections = [Selection(torch.arange(len(c), device=c.device)) for c in batch.image_positions]
+    segments: list[Segment] = []
+    pruned_positions = None
+
+    if stage == "projector":
+        selections = select(plan, batch, {"features": lambda b, cols: h[b, cols]})
+        keep, h = apply(pad, h, batch.image_positions, selections)
+        pad, h, kept_pos = compact(keep, h, positions.movedim(0, 2))
+        positions = adapter.projector_positions(kept_pos.movedim(2, 0), pad)
+        next_position = positions.amax(dim=(0, 2)) + 1
+        pruned_positions = positions
+
+    start = 0
+    if stage == "layer":
+        k = plan.layer
+        last_row: list[Tensor] = []
+        needs_row = "attn_last" in plan.method.needs
+        h = run_layers(adapter, range(0, k), h, causal_mask(pad, h.dtype), adapter.rope(h, positions), cache,
+                       last_row if needs_row else None)
+        segments.append(Segment(range(0, k), pad))
+        selections = select(plan, batch, _layer_signals(adapter, batch, h, cache.keys[k - 1], last_row))
+        keep, h = apply(pad, h, batch.image_positions, selections)
+        pad, h, kept_pos = compact(keep, h, positions.movedim(0, 2))
+        positions = pruned_positions = kept_pos.movedim(2, 0)
+        start = k
+
+    h = run_layers(adapter, range(start, num_layers), h, causal_mask(pad, h.dtype), adapter.rope(h, positions), cache)
+    segments.append(Segment(range(start, num_layers), pad))
+    state = State(
+        cache=cache, segments=segments, next_position=next_position,
+        num_position_dims=positions.shape[0], selections=selections,
+        image_tokens=[len(c) for c in batch.image_positions], prompt_tokens=prompt_tokens,
+        prompt_tokens_kept=pad.sum(dim=1).tolist(), pruned_positions=pruned_positions,
+    )
+    return logits_last(adapter, h), state
+
+
+def _layer_signals(adapter: Adapter, batch: Batch, h: Tensor, keys: Tensor,
+                   last_row: list[Tensor]) -> dict[str, Callable[[int, Tensor], Tensor]]:
+    """Lazy per-sample signals after layer K-1; only the ones a method needs are computed.
+    h: [B, L, D] layer K-1 output; keys: [B, kv_heads, >= L, hd] its cache (after rotary)."""
+    text = batch.pad & (batch.input_ids != adapter.image_token_id)  # [B, L]
+
+    def key_rows(b: int, cols: Tensor) -> Tensor:
+        return keys[b, :, cols].transpose(0, 1).flatten(1)  # [n, kv_heads * hd]
+
+    def text_cols(b: int) -> Tensor:
+        return text[b].nonzero().squeeze(1)
+
+    return {
+        "keys": key_rows,
+        "hidden": lambda b, cols: h[b, cols],
+        "hidden_normed": lambda b, cols: adapter.norm(h[b, cols]),
+        "attn_last": lambda b, cols: last_row[0][b, cols],
+        "text_keys": lambda b, cols: key_rows(b, text_cols(b)),
+        "text_hidden_normed": lambda b, cols: adapter.norm(h[b, text_cols(b)]),
+    }
+
+
+def decode_step(adapter: Adapter, state: State, tokens: Tensor) -> Tensor:
+    """One new token per sample (tokens: [B]) through every layer; returns logits [B, V]."""
+    h = adapter.embed_tokens(tokens[:, None])  # [B, 1, D]
+    b = tokens.shape[0]
+    pos = (state.next_position + state.steps)[None, :, None].expand(state.num_position_dims, b, 1)
+    rope = adapter.rope(h, pos)
+    ones = torch.ones(b, 1, dtype=torch.bool, device=tokens.device)
+    for seg in state.segments:
+        seg.pad = torch.cat([seg.pad, ones], dim=1)
+        h = run_layers(adapter, seg.layers, h, decode_mask(seg.pad, h.dtype), rope, state.cache)
+    state.steps += 1
+    return logits_last(adapter, h)
+
+
+# ---------------------------------------------------------------------- generation
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Greedy when temperature <= 0, else nucleus sampling. logits: [B, V] -> [B]."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keeps at least the top token
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def generate_tokens(adapter: Adapter, plan: Plan, batch: Batch, max_new_tokens: list[int], eos: set[int],
+                    temperature: float = 0.0, top_p: float = 1.0,
+                    generator: torch.Generator | None = None) -> tuple[list[list[int]], State]:
+    """Token ids per sample, up to and including its first EOS, at most its max_new_tokens."""
+    limit = torch.tensor(max_new_tokens, device=batch.pad.device)  # [B]
+    logits, state = prefill(adapter, plan, batch, room=max(max_new_tokens))
+    eos_ids = torch.tensor(sorted(eos), device=logits.device)
+    out: list[Tensor] = []
+    done = limit <= 0
+    while not bool(done.all()):
+        tokens = sample(logits, temperature, top_p, generator)
+        out.append(torch.where(done, -1, tokens))
+        done = done | torch.isin(tokens, eos_ids) | (limit <= len(out))
+        if bool(done.all()):
+            break
+        logits = decode_step(adapter, state, tokens)
+    ids = torch.stack(out, dim=1).tolist() if out else [[] for _ in max_new_tokens]
+    return [[t for t in row if t >= 0] for row in ids], state

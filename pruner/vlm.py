@@ -1,0 +1,171 @@
+"""`PrunedVLM`: load a Hugging Face VLM checkpoint and generate answers with pruning.
+
+Preprocessing (`Preprocessor`) needs only the processor, so a pipeline can run it in CPU
+workers and hand ready tensors to the model workers; `PrunedVLM.generate` composes both.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor
+
+from .methods import get_method
+from .models import Adapter, Prepared, adapter_class
+from .runtime import ATTENTION, Plan, collate, generate_tokens
+
+DEFAULT_KEEP = 64
+
+
+@dataclass
+class Generation:
+    """One sample's answer and its token accounting."""
+
+    text: str
+    token_ids: list[int]
+    image_tokens: int  # prunable image tokens in the prompt (N)
+    image_tokens_kept: int  # k
+    prompt_tokens: int
+    prompt_tokens_kept: int  # tokens entering the layers after pruning
+    generated_tokens: int
+    kept_indices: list[int]  # into the N image tokens, ascending
+    flops: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+class Preprocessor:
+    """Chat template, tokenizing and image preparation for one checkpoint: no model needed."""
+
+    def __init__(self, processor: Any, adapter_cls: type[Adapter]):
+        self.processor = processor
+        self.adapter_cls = adapter_cls
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> Preprocessor:
+        config = AutoConfig.from_pretrained(path)
+        return cls(AutoProcessor.from_pretrained(path), adapter_class(config.model_type))
+
+    def __call__(self, image: Image.Image, question: str) -> Prepared:
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"each question needs a PIL image, got {type(image).__name__}")
+        if not isinstance(question, str):
+            raise ValueError(f"each question must be a string, got {type(question).__name__}")
+        return self.adapter_cls.prepare(self.processor, image.convert("RGB"), question)
+
+    def many(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[Prepared]:
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions: one image per question")
+        return [self(image, q) for image, q in zip(images, questions)]
+
+
+class PrunedVLM:
+    """A VLM whose prefill prunes image tokens with one of `pruner.methods.METHODS`."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, *, method: str = "vlm-pruner",
+                 keep: int | None = None, rate: float | None = None, prune_layer: int = 2,
+                 attention: str = "sdpa", **method_params: Any):
+        self.adapter = adapter_class(model.config.model_type)(model)
+        self.model = model
+        self.preprocessor = Preprocessor(processor, type(self.adapter))
+        self.method = get_method(method)
+        self.method.check_params(method_params)
+        self.keep, self.rate = _budget(self.method.stage, keep, rate)
+        num_layers = len(self.adapter.layers)
+        if self.method.stage == "layer" and not (isinstance(prune_layer, int) and 1 <= prune_layer < num_layers):
+            raise ValueError(f"prune_layer must be an int in [1, {num_layers - 1}] for this "
+                             f"{num_layers}-layer LLM, got {prune_layer!r}")
+        self.prune_layer = prune_layer
+        self.plan = Plan(self.method, self.keep_for, prune_layer, dict(method_params))
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {attention!r}")
+        self.adapter.text_config._attn_implementation = ATTENTION[attention]
+        tokenizer = getattr(processor, "tokenizer", processor)
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str, method: str = "vlm-pruner", keep: int | None = None,
+                        rate: float | None = None, prune_layer: int = 2, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, attention: str = "sdpa",
+                        **method_params: Any) -> PrunedVLM:
+        """Load weights (safetensors only, no remote code) and the checkpoint's processor."""
+        get_method(method).check_params(method_params)  # fail before loading weights
+        _budget(get_method(method).stage, keep, rate)
+        config = AutoConfig.from_pretrained(path)
+        adapter = adapter_class(config.model_type)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = adapter.model_class.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                    attn_implementation="sdpa")
+        model = model.to(device).eval()
+        return cls(model, AutoProcessor.from_pretrained(path), method=method, keep=keep, rate=rate,
+                   prune_layer=prune_layer, attention=attention, **method_params)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def keep_for(self, n: int) -> int:
+        """Budget for a sample with n image tokens: keep clamped to n, or n * (1 - rate) rounded."""
+        if self.rate is not None:
+            return max(1, round(n * (1 - self.rate)))
+        return min(self.keep, n)
+
+    def preprocess(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[Prepared]:
+        return self.preprocessor.many(images, questions)
+
+    def generate(self, images: Sequence[Image.Image], questions: Sequence[str],
+                 max_new_tokens: int | Sequence[int] = 64, **sampling: Any) -> list[Generation]:
+        return self.generate_prepared(self.preprocess(images, questions), max_new_tokens, **sampling)
+
+    @torch.inference_mode()
+    def generate_prepared(self, samples: Sequence[Prepared], max_new_tokens: int | Sequence[int] = 64,
+                          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
+        """Answers for preprocessed samples, as one batch. Greedy unless temperature > 0."""
+        if len(samples) == 0:
+            raise ValueError("empty batch: pass at least one image and question")
+        limits = [max_new_tokens] * len(samples) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(samples) or any(not isinstance(m, int) or m < 0 for m in limits):
+            raise ValueError(f"max_new_tokens must be an int >= 0 or one per sample, got {max_new_tokens!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        batch = collate(self.adapter, list(samples), self.device)
+        token_ids, state = generate_tokens(self.adapter, self.plan, batch, limits, self.eos,
+                                           temperature, top_p, generator)
+        return [
+            Generation(
+                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                token_ids=ids,
+                image_tokens=state.image_tokens[b],
+                image_tokens_kept=len(state.selections[b].indices),
+                prompt_tokens=state.prompt_tokens[b],
+                prompt_tokens_kept=state.prompt_tokens_kept[b],
+                generated_tokens=len(ids),
+                kept_indices=state.selections[b].indices.tolist(),
+            )
+            for b, ids in enumerate(token_ids)
+        ]
+
+
+def _budget(stage: str, keep: int | None, rate: float | None) -> tuple[int | None, float | None]:
+    """Validate keep / rate; default keep when neither is given."""
+    if keep is not None and rate is not None:
+        raise ValueError("give keep or rate, not both")
+    if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"rate must be in [0, 1), got {rate!r}")
+        return None, float(rate)
+    if keep is None:
+        return DEFAULT_KEEP, None
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    return keep, None

@@ -1,0 +1,62 @@
+"""Tiny random-weight VLMs of every supported family, built from configs in-process."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER", ":", "ASSISTANT", "what", "is", "the",
+         "colour", "shape", "of", "red", "blue", "?", "a", "circle", "square", "left", "right"]
+WORDS += [f"w{i}" for i in range(42)]
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER : "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}"
+    "{% endfor %}{% else %}ASSISTANT : {{ m['content'][0]['text'] }} </s> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+
+
+def _text_config(**kw) -> LlamaConfig:
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=1024,
+                       bos_token_id=2, eos_token_id=3, pad_token_id=1, initializer_range=0.3, **kw)
+
+
+def llava(seed: int = 0, image_size: int = 84):
+    """LLaVA-1.5 layout at small size: 84 px, patch 14 -> 6x6 = 36 image tokens."""
+    tok = tokenizer()
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=TEMPLATE)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=image_size, patch_size=14),
+        text_config=_text_config(), image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(cfg).eval(), proc
+
+
+def image(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+# family -> builder of (model, processor); a wide initialisation makes greedy outputs vary
+FAMILIES = {"llava": llava}
+
+QUESTIONS = ["what is the colour ?", "what is the shape of the red circle ?", "w1 w2 w3 w4 w5 ?",
+             "left ?", "what is the colour of the blue square on the left ?"]
