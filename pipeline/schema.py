@@ -1,0 +1,41 @@
+"""The output table: fixed columns first, then the input's pass-through columns."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+OUTPUT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("question", pa.string()),  # as given; the default prompt where the input had none
+    ("answer", pa.string()),  # null on error
+    ("error", pa.string()),  # null on success
+    ("model", pa.string()),
+    ("method", pa.string()),
+    ("keep", pa.int32()),
+    ("prune_layer", pa.int32()),
+    ("image_tokens", pa.int32()),
+    ("image_tokens_kept", pa.int32()),
+    ("prompt_tokens", pa.int32()),
+    ("prompt_tokens_kept", pa.int32()),
+    ("generated_tokens", pa.int32()),
+    ("flops_vision", pa.int64()),
+    ("flops_prefill", pa.int64()),
+    ("flops_decode", pa.int64()),
+    ("flops_total", pa.int64()),
+    ("flops_total_unpruned", pa.int64()),
+    ("seconds", pa.float64()),  # the row's share of its batch's wall time
+])
+OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
+
+# Columns the CPU stage adds for the model stage; never written.
+PREPARED = "_prepared"  # safetensors bytes of the preprocessed sample, null when it failed
+ERROR = "_error"
+
+
+def output_table(rows: dict[str, list], passthrough: pa.Table) -> pa.Table:
+    """Fixed columns from `rows` (lists aligned with `passthrough`), then the pass-through."""
+    columns = [pa.array(rows[f.name], type=f.type) for f in OUTPUT_SCHEMA]
+    table = pa.Table.from_arrays(columns, schema=OUTPUT_SCHEMA)
+    for name in passthrough.column_names:
+        if name not in OUTPUT_COLUMNS:
+            table = table.append_column(passthrough.schema.field(name), passthrough.column(name))
+    return table

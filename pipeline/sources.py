@@ -1,0 +1,96 @@
+"""Input datasets as Ray Datasets: Parquet (file, directory or glob, on any pyarrow
+filesystem), a `datasets.save_to_disk` directory, a Hugging Face dataset name, or a folder
+of image files."""
+from __future__ import annotations
+
+import fnmatch
+import glob
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+import ray.data
+
+
+class SourceError(ValueError):
+    """The input cannot be opened: reported as one line before any work starts."""
+
+
+@dataclass
+class Source:
+    dataset: ray.data.Dataset
+    kind: str  # "parquet", "hf-disk", "hf-hub" or "images"
+    base_dir: str | None  # where relative image paths start
+    image_column: str  # the column that holds images unless the user names another
+
+
+def open_source(uri: str, split: str | None = None) -> Source:
+    """Open `uri` lazily; raises SourceError with a one-line reason."""
+    fs, path = _filesystem(uri)
+    info = fs.get_file_info(path) if fs is not None else None
+    if info is not None and info.type == pafs.FileType.Directory:
+        names = {posixpath.basename(f.path) for f in fs.get_file_info(pafs.FileSelector(path))}
+        if {"state.json", "dataset_dict.json"} & names:
+            return Source(_from_disk(uri, split), "hf-disk", uri, "image")
+        if any(n.endswith(".parquet") for n in names):
+            return Source(ray.data.read_parquet(uri), "parquet", uri, "image")
+        files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                 if f.type == pafs.FileType.File and not f.base_name.startswith(".")]
+        if not files:
+            raise SourceError(f"input directory {uri} is empty")
+        ds = ray.data.read_binary_files(uri, include_paths=True)
+        return Source(ds, "images", uri, "bytes")
+    if info is not None and info.type == pafs.FileType.File:
+        return Source(ray.data.read_parquet(uri), "parquet", posixpath.dirname(uri), "image")
+    if fs is not None and any(c in path for c in "*?["):
+        files = _glob(fs, uri, path)
+        if not files:
+            raise SourceError(f"no files match {uri}")
+        return Source(ray.data.read_parquet(files), "parquet", posixpath.dirname(files[0]), "image")
+    if "://" in uri or uri.startswith((".", "/")) or uri.endswith(".parquet"):
+        raise SourceError(f"input not found: {uri}")
+    return Source(_from_hub(uri, split), "hf-hub", None, "image")
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except Exception as e:
+            raise SourceError(f"cannot open {uri}: {str(e).splitlines()[0]}") from None
+    if "/" in uri or uri.endswith(".parquet") or posixpath.exists(uri):
+        return pafs.LocalFileSystem(), posixpath.abspath(uri)
+    return None, uri  # a bare name: a Hugging Face dataset
+
+
+def _glob(fs: pafs.FileSystem, uri: str, path: str) -> list[str]:
+    if isinstance(fs, pafs.LocalFileSystem):
+        return sorted(glob.glob(path))
+    prefix = uri[: len(uri) - len(path)] if uri.endswith(path) else uri.split("://")[0] + "://"
+    root = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return sorted(prefix + f.path for f in found if fnmatch.fnmatch(f.path, path))
+
+
+def _from_disk(path: str, split: str | None) -> ray.data.Dataset:
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None and len(ds) == 1:
+            split = next(iter(ds))
+        if split not in ds:
+            raise SourceError(f"{path} holds splits {sorted(ds)}: choose one with --split")
+        ds = ds[split]
+    return ray.data.from_huggingface(ds)
+
+
+def _from_hub(name: str, split: str | None) -> ray.data.Dataset:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SourceError(f"input {name!r} is neither a path nor a loadable Hugging Face dataset: {first}") from None
+    return ray.data.from_huggingface(ds)
