@@ -7,6 +7,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+                          LlavaNextProcessor)
 
 WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER", ":", "ASSISTANT", "what", "is", "the",
          "colour", "shape", "of", "red", "blue", "?", "a", "circle", "square", "left", "right"]
@@ -50,13 +52,33 @@ def llava(seed: int = 0, image_size: int = 84):
     return LlavaForConditionalGeneration(cfg).eval(), proc
 
 
+def llava_next(seed: int = 0, tile: int = 56):
+    """LLaVA-NeXT (AnyRes) at small size: 56 px tiles, patch 14 -> a 4x4 base tile, then up to
+    2x2 high-res tiles (8x8 tokens before unpadding) with one newline token a row. The test
+    sizes (90, 70), (60, 100), (120, 56) use 4, 4, 2 high-res tiles: 70, 56, 52 placeholders."""
+    tok = tokenizer()
+    pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    proc = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                                image_grid_pinpoints=pinpoints),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=TEMPLATE)
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=tile, patch_size=14),
+        text_config=_text_config(), image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(cfg).eval(), proc
+
+
 def image(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
 # family -> builder of (model, processor); a wide initialisation makes greedy outputs vary
-FAMILIES = {"llava": llava}
+FAMILIES = {"llava": llava, "llava_next": llava_next}
 
 QUESTIONS = ["what is the colour ?", "what is the shape of the red circle ?", "w1 w2 w3 w4 w5 ?",
              "left ?", "what is the colour of the blue square on the left ?"]

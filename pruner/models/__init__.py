@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from .base import Adapter, ImageLayout, Prepared
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter]
 
 
 def adapter_class(model_type: str) -> type[Adapter]:
