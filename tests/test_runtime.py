@@ -173,7 +173,7 @@ def test_fastv_attention_row_matches_eager_attention_weights(family):
         vlm.adapter.text_config._attn_implementation = saved
         hook.remove()
     row = captured["w"][0, :, -1].mean(0)  # [L]
-    layout = vlm.adapter.layout(inputs["input_ids"][0], {})
+    layout = vlm.adapter.layout(inputs["input_ids"][0], vlm.preprocess([image], [question])[0].vision)
     expected = row[layout.positions].topk(5).indices.sort().values.tolist()
     assert vlm.generate([image], [question], max_new_tokens=1)[0].kept_indices == expected
 

@@ -9,6 +9,9 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, Lla
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
                           LlavaNextProcessor)
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                          Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
 WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER", ":", "ASSISTANT", "what", "is", "the",
          "colour", "shape", "of", "red", "blue", "?", "a", "circle", "square", "left", "right"]
@@ -72,13 +75,78 @@ def llava_next(seed: int = 0, tile: int = 56):
     return LlavaNextForConditionalGeneration(cfg).eval(), proc
 
 
+# ---------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+QWEN_WORDS = WORDS + QWEN_SPECIAL + ["user", "assistant"]
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+# images are resized to multiples of 28 px within these bounds: 16 to 64 merged tokens,
+# so the test sizes (90, 70), (60, 100), (120, 56) give grids 4x5, 6x4, 3x6
+QWEN_PIXELS = {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 64}
+
+
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(QWEN_WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.add_special_tokens(QWEN_SPECIAL)  # split out even when glued together, as the processor writes them
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+
+
+def _qwen_config(config_cls, vision: dict, tok: PreTrainedTokenizerFast):
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    # head_dim 16 -> 8 rotary frequencies, split over (temporal, height, width)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(QWEN_WORDS), max_position_embeddings=1024,
+                initializer_range=0.3, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [2, 3, 3]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    # a wide vision initialisation too: at the default 0.02 all image tokens look alike
+    return config_cls(vision_config=dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2,
+                                         temporal_patch_size=2, initializer_range=0.3, **vision),
+                      text_config=text, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def _qwen_processor(processor_cls, tok: PreTrainedTokenizerFast):
+    return processor_cls(image_processor=Qwen2VLImageProcessor(**QWEN_PIXELS), tokenizer=tok,
+                         video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+
+
+def qwen2_vl(seed: int = 0):
+    """Qwen2-VL layout at small size: patch 14, 2x2 merge, 16-64 image tokens per image."""
+    tok = qwen_tokenizer()
+    cfg = _qwen_config(Qwen2VLConfig, dict(embed_dim=32, hidden_size=64, mlp_ratio=2), tok)
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(cfg).eval(), _qwen_processor(Qwen2VLProcessor, tok)
+
+
+def qwen2_5_vl(seed: int = 0):
+    """Qwen2.5-VL at small size: as Qwen2-VL, plus window attention on 2x2-token windows
+    (window_size 56 px) in vision block 0 and full attention in block 1."""
+    tok = qwen_tokenizer()
+    cfg = _qwen_config(Qwen2_5_VLConfig, dict(hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                                              window_size=56, fullatt_block_indexes=[1]), tok)
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval(), _qwen_processor(Qwen2_5_VLProcessor, tok)
+
+
 def image(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
 # family -> builder of (model, processor); a wide initialisation makes greedy outputs vary
-FAMILIES = {"llava": llava, "llava_next": llava_next}
+FAMILIES = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
 
 QUESTIONS = ["what is the colour ?", "what is the shape of the red circle ?", "w1 w2 w3 w4 w5 ?",
              "left ?", "what is the colour of the blue square on the left ?"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 from .base import Adapter, ImageLayout, Prepared
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter]
 
 
 def adapter_class(model_type: str) -> type[Adapter]:

@@ -1,0 +1,11 @@
+"""Qwen2.5-VL: Qwen2-VL's layout and M-RoPE for images; the vision tower adds window
+attention and reorders windows back itself, so its output is in the same row-major merged
+order. (Its `get_rope_index` spaces *video* frames by time; still images are unchanged.)"""
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from .qwen2_vl import Qwen2VLAdapter
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    model_types = ("qwen2_5_vl",)
+    model_class = Qwen2_5_VLForConditionalGeneration

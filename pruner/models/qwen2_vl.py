@@ -1,0 +1,87 @@
+"""Qwen2-VL: native-resolution ViT, 2x2 patch merging, 3-D M-RoPE positions.
+
+What differs from the LLaVA defaults:
+* the processor returns flat patches `pixel_values` [n_patches, C*T*P*P] and
+  `image_grid_thw` [1, 3] (pre-merge patch grid) per image, so N varies with image size;
+* the LLM sees the merged grid (grid_h / 2) x (grid_w / 2), row-major;
+* positions are 3-D (temporal, height, width) ids from the model's own `get_rope_index`:
+  text runs 1-D, an image's tokens take (start, start + row, start + col), and the text
+  after an image continues from start + max(rows, cols).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import Qwen2VLForConditionalGeneration
+
+from .base import Adapter, ImageLayout, Prepared
+
+TEXT, IMAGE, VIDEO = 0, 1, 2  # transformers' mm_token_type_ids values
+
+
+class Qwen2VLAdapter(Adapter):
+    model_types = ("qwen2_vl",)
+    model_class = Qwen2VLForConditionalGeneration
+    # what the vision tower needs; `mm_token_type_ids` is per token and is derived from
+    # input_ids where positions are built, so samples of different lengths still collate
+    vision_keys = ("pixel_values", "image_grid_thw")
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)  # same module layout as LLaVA: model.model.language_model, model.lm_head
+        self.video_token_id = model.config.video_token_id
+        self.merge = model.config.vision_config.spatial_merge_size
+
+    # ------------------------------------------------------------------ preprocessing
+
+    @classmethod
+    def collate_vision(cls, samples: list[Prepared]) -> dict[str, Tensor]:
+        """Flat patches and grids of all samples, concatenated in sample order (the order
+        the vision tower splits its output back by and `get_rope_index` reads grids in)."""
+        return {k: torch.cat([s.vision[k] for s in samples]) for k in cls.vision_keys}
+
+    # ------------------------------------------------------------------ model side
+
+    def image_features(self, vision: dict[str, Tensor]) -> list[Tensor]:
+        """Vision tower and patch merger, split per image: [h/2 * w/2, D] each."""
+        out = self.model.model.get_image_features(
+            pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
+        return list(out.pooler_output)
+
+    def layout(self, input_ids: Tensor, vision: dict[str, Tensor]) -> ImageLayout:
+        """Image tokens of one sample and the merged grid the LLM sees (not the pre-merge
+        patch grid the reference code uses for width)."""
+        positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
+        t, h, w = (int(x) for x in vision["image_grid_thw"].reshape(-1, 3)[0])
+        grid = (h // self.merge, w // self.merge)
+        if len(positions) != t * grid[0] * grid[1]:
+            raise ValueError(f"{len(positions)} image tokens in the prompt but image_grid_thw "
+                             f"{(t, h, w)} makes {t * grid[0] * grid[1]}")
+        return ImageLayout(positions, grid)
+
+    def token_types(self, input_ids: Tensor) -> Tensor:
+        """transformers' `mm_token_type_ids` (text 0, image 1, video 2), from the ids."""
+        types = torch.full_like(input_ids, TEXT, dtype=torch.int)
+        types[input_ids == self.image_token_id] = IMAGE
+        types[input_ids == self.video_token_id] = VIDEO
+        return types
+
+    def positions(self, input_ids: Tensor, pad: Tensor, vision: dict[str, Tensor]) -> Tensor:
+        """3-D M-RoPE ids [3, B, L] of a left-padded batch, by the model's own `get_rope_index`
+        (it skips padding, which keeps id 0). The runtime's first decode position,
+        max(ids) + 1, is transformers' rule: rope_delta = max(ids) + 1 - real length, and a new
+        token at text position real length + step gets real length + step + delta."""
+        ids, _ = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=self.token_types(input_ids),
+            image_grid_thw=vision["image_grid_thw"], attention_mask=pad.long())
+        return ids
+
+    def projector_positions(self, kept: Tensor | None, pad: Tensor) -> Tensor:
+        """DivPrune on Qwen: the kept tokens keep their original 3-D ids. Renumbering them
+        contiguously, as the reference does for 1-D positions, has no meaning here: an image
+        token's id is its (row, col) in the image, not a rank in the sequence, and text after
+        the image continues from start + max(rows, cols), not from start + N."""
+        return kept
+
+    def rope(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Qwen's rotary embedding reads all three id rows: positions [3, B, L]."""
+        return self.rotary(x, positions)
