@@ -25,11 +25,11 @@ class BadImage(ValueError):
 def image_bytes(cell: Any, base_dir: str | None = None) -> bytes:
     """The encoded bytes behind an image cell."""
     if isinstance(cell, dict):
-        if cell.get("bytes"):
-            return cell["bytes"]
-        if cell.get("path"):
-            return _read_path(cell["path"], base_dir)
-        raise BadImage("missing image: the image struct has neither bytes nor a path")
+        if cell.get("bytes") is None:
+            if cell.get("path"):
+                return _read_path(cell["path"], base_dir)
+            raise BadImage("missing image: the image struct has neither bytes nor a path")
+        cell = cell["bytes"]
     if isinstance(cell, (bytes, bytearray, memoryview)):
         if len(cell) == 0:
             raise BadImage("empty image bytes")
@@ -65,6 +65,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise BadImage("not an image: unrecognised or corrupt header") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise BadImage(f"image exceeds the pixel limit of {max_pixels:,} (--max-image-pixels)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"corrupt or truncated image: {_first_line(e)}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise BadImage(f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
@@ -74,8 +76,12 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     try:
         img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad data
-        raise BadImage(f"corrupt or truncated image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise BadImage(f"corrupt or truncated image: {_first_line(e)}") from None
     return to_rgb(ImageOps.exif_transpose(img))
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -1,0 +1,254 @@
+"""The caption job: one output row per input row, bad rows as error rows, every source kind,
+resume, and the command line. Tests that start Ray have timeouts."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+import tiny
+from pipeline import resume
+from pipeline.job import JobConfig, JobError, run
+from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.stages import Answerer, Columns, assign_ids, prepare
+from pruner import PrunedVLM
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)
+
+
+def png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model, proc = tiny.llava()
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return str(path)
+
+
+def good_rows(n: int, start: int = 0) -> list[dict]:
+    return [{"key": f"r{start + i}", "image": png(tiny.image(start + i)), "question": tiny.QUESTIONS[i % 5],
+             "label": start + i} for i in range(n)]
+
+
+def bad_rows(tmp_path: Path) -> list[dict]:
+    (tmp_path / "notes.txt").write_text("not an image")
+    rgba = png(Image.new("RGBA", (30, 30), (0, 0, 255, 128)))
+    sixteen = png(Image.new("I;16", (30, 30)))
+    cmyk = png(Image.new("CMYK", (30, 30), (0, 100, 0, 0)), "JPEG")
+    rows = [
+        ("corrupt", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, "corrupt or truncated image"),
+        ("truncated", png(tiny.image(99))[:200], "corrupt or truncated image"),
+        ("empty", b"", "empty image bytes"),
+        ("null", None, "missing image (null)"),
+        ("missing-path", "no/such/file.png", "cannot read image file"),
+        ("not-image-file", "notes.txt", "not an image"),
+        ("bomb", png(Image.new("L", (2000, 1500))), "above the limit of 1,000,000"),
+        ("rgba", rgba, None), ("sixteen", sixteen, None), ("cmyk", cmyk, None),
+    ]
+    return [{"key": k, "image": v, "question": "what ?", "label": -1, "_expect": e} for k, v, e in rows]
+
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image feature
+
+
+def image_column(rows: list[dict]) -> pa.Array:
+    """Raw bytes when every row has bytes, else datasets-style {bytes, path} structs."""
+    if all(isinstance(r["image"], bytes) for r in rows):
+        return pa.array([r["image"] for r in rows], pa.binary())
+    return pa.array([None if r["image"] is None else {"bytes": None, "path": r["image"]}
+                     if isinstance(r["image"], str) else {"bytes": r["image"], "path": None} for r in rows],
+                    IMAGE_STRUCT)
+
+
+def table_of(rows: list[dict]) -> pa.Table:
+    return pa.table({"key": [r["key"] for r in rows], "image": image_column(rows),
+                     "question": [r["question"] for r in rows], "label": [r["label"] for r in rows]})
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    pq.write_table(table_of(rows), path)
+
+
+# ---------------------------------------------------------------- stages, without Ray
+
+
+def test_a_bad_row_never_fails_its_batch(model_dir, tmp_path):
+    bad = bad_rows(tmp_path)
+    rows = good_rows(3) + bad
+    table = table_of(rows)
+    cols = Columns(image="image", question="question", id="key")
+    staged = prepare(assign_ids(table, cols), cols, model_dir, str(tmp_path), max_pixels=1_000_000)
+    out = Answerer(model_dir, "tiny", "vlm-pruner", 8, None, 2, 4)(staged)
+    assert out.num_rows == len(rows)
+    assert out.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    assert out.select(OUTPUT_SCHEMA.names).schema.equals(OUTPUT_SCHEMA)
+    assert out.column("label").to_pylist() == [r["label"] for r in rows]  # pass-through, in order
+    got = {r["id"]: r for r in out.to_pylist()}
+    for r in bad:
+        if r["_expect"] is None:
+            assert got[r["key"]]["error"] is None and got[r["key"]]["answer"] is not None, r["key"]
+        else:
+            assert r["_expect"] in got[r["key"]]["error"] and got[r["key"]]["answer"] is None, r["key"]
+    vlm = PrunedVLM.from_pretrained(model_dir, method="vlm-pruner", keep=8)
+    direct = vlm.generate([tiny.image(i) for i in range(3)], tiny.QUESTIONS[:3], max_new_tokens=4)
+    for i in range(3):
+        row = got[f"r{i}"]
+        assert row["answer"] == direct[i].text and row["error"] is None
+        assert (row["image_tokens"], row["image_tokens_kept"]) == (36, 8)
+
+
+# ---------------------------------------------------------------- the job on local Ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def job(model_dir: str, **kw) -> JobConfig:
+    return JobConfig(model=model_dir, keep=8, max_new_tokens=3, batch_size=4, **kw)
+
+
+def output_rows(out: Path) -> list[dict]:
+    return pq.read_table(out).to_pylist()
+
+
+def test_every_source_kind_gives_one_row_per_input_row(local_ray, model_dir, tmp_path):
+    import datasets
+
+    rows = good_rows(5)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_parquet(rows[:3], parts / "part-0.parquet")
+    write_parquet(rows[3:], parts / "part-1.parquet")
+    hf = datasets.Dataset.from_dict(
+        {"image": [tiny.image(i) for i in range(4)], "question": tiny.QUESTIONS[:4], "label": list(range(4))},
+        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                    "label": datasets.Value("int64")}))
+    hf.save_to_disk(str(tmp_path / "hf"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(png(tiny.image(i)))
+    (folder / "readme.txt").write_text("not an image")
+
+    cases = [
+        (str(parts / "part-0.parquet"), {"id_column": "key"}, 3),
+        (str(parts), {"id_column": "key"}, 5),
+        (str(parts / "part-*.parquet"), {"id_column": "key"}, 5),
+        (str(tmp_path / "hf"), {}, 4),
+        (str(folder), {}, 4),
+    ]
+    for i, (uri, extra, n) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        summary = run(job(model_dir, input=uri, output=str(out), **extra))
+        got = output_rows(out)
+        assert len(got) == n == summary["rows"] == summary["processed"], uri
+        assert len({r["id"] for r in got}) == n
+    folder_rows = output_rows(tmp_path / "out4")
+    assert sorted(r["error"] is None for r in folder_rows) == [False, True, True, True]
+    assert all(r["question"] == "Describe the image briefly." for r in folder_rows)
+    hf_rows = output_rows(tmp_path / "out3")
+    assert sorted(r["label"] for r in hf_rows) == [0, 1, 2, 3]
+
+
+def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
+    rows = good_rows(6) + bad_rows(tmp_path)
+    data = tmp_path / "data.parquet"
+    write_parquet(rows, data)
+    out = tmp_path / "out"
+    first = run(job(model_dir, input=str(data), output=str(out), id_column="key", limit=8, max_image_pixels=1_000_000))
+    assert (first["rows"], first["processed"], first["skipped"]) == (8, 8, 0)
+    assert [r["key"] for r in output_rows(out)] != []
+    (out / "half-written.parquet").write_bytes(b"PAR1 truncated")  # what a kill can leave
+    second = run(job(model_dir, input=str(data), output=str(out), id_column="key", max_image_pixels=1_000_000))
+    assert (second["rows"], second["processed"], second["skipped"]) == (len(rows), len(rows) - 8, 8)
+    assert first["errors"] == 2 and second["errors"] == 5  # this run's error rows
+    assert len(second["moved_aside"]) == 1
+    assert not (out / "half-written.parquet").exists()
+    got = output_rows(out)
+    assert sorted(r["id"] for r in got) == sorted(r["key"] for r in rows)
+    expected = {r["key"]: r.get("_expect") for r in rows}
+    for r in got:
+        if expected[r["id"]] is None:
+            assert r["error"] is None and r["answer"] is not None
+        else:
+            assert expected[r["id"]] in r["error"] and r["answer"] is None
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows"] == len(rows) and summary["image_tokens_kept_mean"] == 8.0
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "/no/such/place.parquet"], "input not found: /no/such/place.parquet"),
+    (["--image-column", "picture"], "--image-column 'picture' is not a column of"),
+    (["--keep", "0"], "--keep must be >= 1"),
+    (["--rate", "1.5"], "--rate must be in [0, 1)"),
+    (["--prune-layer", "9"], "--prune-layer must be in [1, 3]"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bad_arguments_fail_fast_with_one_line(model_dir, args, message):
+    proc = subprocess.run([sys.executable, "jobs/caption.py", "--model", model_dir, "--output", "/tmp/never",
+                           "--input", str(ROOT / "pipeline/demo/data/eval.parquet"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_unknown_method_and_unsupported_model_fail_fast(tmp_path):
+    bad = subprocess.run([sys.executable, "jobs/caption.py", "--method", "sparsevlm"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'sparsevlm'" in bad.stderr
+    from transformers import LlamaConfig
+    LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(JobError, match="unsupported model architecture 'llama'"):
+        run(JobConfig(model=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- kill and resume
+
+
+def test_sigkill_mid_job_then_rerun_gives_each_row_exactly_once(model_dir, tmp_path):
+    rows = good_rows(40)
+    data = tmp_path / "data.parquet"
+    write_parquet(rows, data)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "jobs/caption.py", "--model", model_dir, "--input", str(data), "--output", str(out),
+           "--id-column", "key", "--keep", "8", "--max-new-tokens", "3", "--batch-size", "2",
+           "--rows-per-file", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 200
+    while time.time() < deadline and len(list(out.glob("*.parquet"))) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = len(resume.scan(str(out)).ids)
+    assert 0 < written < 40, written
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=250)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    ids = [r["id"] for r in output_rows(out)]
+    assert sorted(ids) == sorted(r["key"] for r in rows)  # none lost, none doubled
+    assert summary["skipped"] >= written and summary["rows"] == 40
