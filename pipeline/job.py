@@ -138,6 +138,9 @@ def run(cfg: JobConfig) -> dict:
     done = pa.array(sorted(before.ids), pa.string())
     ds = ds.map_batches(_ids_and_skip, fn_kwargs={"cols": cols, "done": done}, batch_format="pyarrow",
                         num_cpus=0.25)
+    # One model batch per block, so answers stream to the writer as batches finish rather
+    # than when a whole input file is done.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(prepare, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs={"cols": cols, "model_path": cfg.model_path, "base_dir": source.base_dir,
                                    "max_pixels": cfg.max_image_pixels})

@@ -230,25 +230,25 @@ def test_unknown_method_and_unsupported_model_fail_fast(tmp_path):
 
 
 def test_sigkill_mid_job_then_rerun_gives_each_row_exactly_once(model_dir, tmp_path):
-    rows = good_rows(40)
+    rows = good_rows(60)
     data = tmp_path / "data.parquet"
     write_parquet(rows, data)
     out = tmp_path / "out"
     cmd = [sys.executable, "jobs/caption.py", "--model", model_dir, "--input", str(data), "--output", str(out),
-           "--id-column", "key", "--keep", "8", "--max-new-tokens", "3", "--batch-size", "2",
+           "--id-column", "key", "--keep", "8", "--max-new-tokens", "24", "--batch-size", "2",
            "--rows-per-file", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 200
-    while time.time() < deadline and len(list(out.glob("*.parquet"))) < 3:
-        time.sleep(0.2)
+    while time.time() < deadline and len(list(out.glob("*.parquet"))) < 2:
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     written = len(resume.scan(str(out)).ids)
-    assert 0 < written < 40, written
+    assert 0 < written < 60, written
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=250)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "_summary.json").read_text())
     ids = [r["id"] for r in output_rows(out)]
     assert sorted(ids) == sorted(r["key"] for r in rows)  # none lost, none doubled
-    assert summary["skipped"] >= written and summary["rows"] == 40
+    assert summary["skipped"] >= written and summary["rows"] == 60
