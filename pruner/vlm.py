@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
+from .flops import Flops, sample_flops
 from .methods import get_method
 from .models import Adapter, Prepared, adapter_class
 from .runtime import ATTENTION, Plan, collate, generate_tokens
@@ -32,7 +33,7 @@ class Generation:
     prompt_tokens_kept: int  # tokens entering the layers after pruning
     generated_tokens: int
     kept_indices: list[int]  # into the N image tokens, ascending
-    flops: Any = None
+    flops: Flops | None = None  # see pruner.flops
     extra: dict = field(default_factory=dict)
 
 
@@ -151,6 +152,9 @@ class PrunedVLM:
                 prompt_tokens_kept=state.prompt_tokens_kept[b],
                 generated_tokens=len(ids),
                 kept_indices=state.selections[b].indices.tolist(),
+                flops=sample_flops(self.model.config, samples[b].vision, prompt_tokens=state.prompt_tokens[b],
+                                   prompt_tokens_kept=state.prompt_tokens_kept[b], generated_tokens=len(ids),
+                                   stage=self.method.stage, prune_layer=self.prune_layer),
             )
             for b, ids in enumerate(token_ids)
         ]
