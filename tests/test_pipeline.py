@@ -32,15 +32,6 @@ def png(img: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model, proc = tiny.llava()
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return str(path)
-
-
 def good_rows(n: int, start: int = 0) -> list[dict]:
     return [{"key": f"r{start + i}", "image": png(tiny.image(start + i)), "question": tiny.QUESTIONS[i % 5],
              "label": start + i} for i in range(n)]
