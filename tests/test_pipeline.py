@@ -198,13 +198,21 @@ def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
     (["--prune-layer", "9"], "--prune-layer must be in [1, 3]"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
 ])
-def test_bad_arguments_fail_fast_with_one_line(model_dir, args, message):
-    proc = subprocess.run([sys.executable, "jobs/caption.py", "--model", model_dir, "--output", "/tmp/never",
-                           "--input", str(ROOT / "pipeline/demo/data/eval.parquet"), *args],
+def test_bad_arguments_fail_fast_with_one_line(local_ray, model_dir, args, message, capsys, tmp_path):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import caption
+
+    code = caption.main(["--model", model_dir, "--output", str(tmp_path / "never"), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_command_line_exits_non_zero_with_one_line(model_dir):
+    proc = subprocess.run([sys.executable, "jobs/caption.py", "--model", model_dir, "--keep", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert proc.stderr.strip().splitlines() == ["caption.py: error: --keep must be >= 1, got 0"]
 
 
 def test_unknown_method_and_unsupported_model_fail_fast(tmp_path):
@@ -243,3 +251,24 @@ def test_sigkill_mid_job_then_rerun_gives_each_row_exactly_once(model_dir, tmp_p
     ids = [r["id"] for r in output_rows(out)]
     assert sorted(ids) == sorted(r["key"] for r in rows)  # none lost, none doubled
     assert summary["skipped"] >= written and summary["rows"] == 60
+
+
+def test_the_demo_job_end_to_end_matches_direct_generation(local_ray, tmp_path):
+    """No arguments but a limit: the bundled demo data through the bundled model, VLM-Pruner
+    keep 64; every answer equals PrunedVLM.generate on the same rows."""
+    from pipeline.demo import EVAL_PARQUET, MODEL_DIR
+
+    cfg = JobConfig(output=str(tmp_path / "out"), limit=12)
+    summary = run(cfg)
+    assert (summary["rows"], summary["errors"], summary["image_tokens_kept_mean"]) == (12, 0, 64.0)
+    assert 0 < summary["flops_saved_pct"] < 100
+    got = {r["id"]: r for r in output_rows(tmp_path / "out")}
+    first = pq.read_table(EVAL_PARQUET).slice(0, 12).to_pylist()
+    assert sorted(got) == sorted(r["id"] for r in first)  # the input's own ids, the first 12 rows
+    vlm = PrunedVLM.from_pretrained(str(MODEL_DIR), method="vlm-pruner", keep=64)
+    images = [Image.open(io.BytesIO(r["image"])) for r in first]
+    direct = vlm.generate(images, [r["question"] for r in first], max_new_tokens=cfg.max_new_tokens)
+    for row, out in zip(first, direct):
+        assert got[row["id"]]["answer"] == out.text
+        assert got[row["id"]]["answer_gt"] == row["answer_gt"]  # pass-through
+        assert got[row["id"]]["flops_total"] == out.flops.flops_total
