@@ -6,7 +6,7 @@ workers and hand ready tensors to the model workers; `PrunedVLM.generate` compos
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ class Generation:
     generated_tokens: int
     kept_indices: list[int]  # into the N image tokens, ascending
     flops: Flops | None = None  # see pruner.flops
-    extra: dict = field(default_factory=dict)
 
 
 class Preprocessor:
