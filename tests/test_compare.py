@@ -1,0 +1,265 @@
+"""The comparison report: answer normalization, the recommendation rule, bad arguments failing
+before Ray starts, and on a tiny model over six demo rows, every figure of the report
+recomputed from the per-row outputs, and reruns reusing finished settings."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from transformers import AutoConfig
+
+import tiny
+from pipeline import compare as C
+from pipeline.compare import CompareConfig, matches, normalize, recommend
+from pipeline.demo import EVAL_PARQUET
+from pipeline.images import decode
+from pipeline.job import JobConfig, JobError
+from pruner import PrunedVLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model, proc = tiny.llava()  # 36 image tokens per image, 4 layers
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------- answers and the rule
+
+
+@pytest.mark.parametrize("text, want", [
+    ("Yes", "yes"), ("yes.", "yes"), ("The red Triangle!", "red triangle"), ("an apple", "apple"),
+    ("  a  big \t dog ", "big dog"), ("two", "2"), ("Ten cats", "10 cats"), ("none", "0"),
+    ("don't", "dont"), ("red triangle, orange square", "red triangle orange square"),
+    ("2.5", "2.5"), ("1,000", "1000"), ("the end.", "end"), ("t-shirt", "t shirt"), ("", ""), (None, None),
+])
+def test_normalize(text, want):
+    assert normalize(text) == want
+
+
+def test_matches():
+    assert matches("The circle.", "circle") and matches("Two", "2") and not matches("circles", "circle")
+    assert not matches(None, None) and not matches("yes", None)
+
+
+def test_recommendation_is_the_cheapest_setting_within_the_drop():
+    def r(name, drop, cost, gflops):
+        return {"setting": name, "quality_drop_points": drop, "cost_per_million_rows": cost,
+                "gflops_per_sample": gflops}
+
+    results = [r("none", 0.0, 10.0, 9.0), r("a", 0.5, 6.0, 5.0), r("b", 2.0, 3.0, 2.0), r("c", 1.0, 6.0, 4.0),
+               r("d", -3.0, 8.0, 6.0), r("e", None, 1.0, 1.0)]
+    assert recommend(results, 1.0)["setting"] == "c"  # a and c cost the same: fewer FLOPs wins; exactly 1.0 is in
+    assert recommend(results, 5.0)["setting"] == "b"
+    assert recommend(results, 0.1)["setting"] == "d"  # better than unpruned counts as within
+    assert recommend(results[:3], 0.1)["setting"] == "none"  # nothing qualifies: stay unpruned
+
+
+# ---------------------------------------------------------------- bad arguments
+
+
+def config(model_dir: str, out: Path, **kw) -> CompareConfig:
+    base = dict(output=str(out), model=model_dir, limit=6, methods=("vlm-pruner", "divprune"), keeps=(16, 8),
+                job=JobConfig(max_new_tokens=3, batch_size=4))
+    return CompareConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ("vlm-pruner", "sparsevlm")}, "--methods: unknown method 'sparsevlm'"),
+    ({"keeps": (8, 36)}, "--keeps 36 is out of range: keep must be in [1, 35]"),
+    ({"keeps": (0,)}, "--keeps 0 is out of range"),
+    ({"answer_column": "label"}, "--answer-column 'label' is not a column of"),
+    ({"group_column": "kind"}, "--group-column 'kind' is not a column of"),
+    ({"limit": 0}, "--limit must be >= 1"),
+    ({"gpu_hour_price": 0.0}, "--gpu-hour-price must be > 0"),
+    ({"max_quality_drop": -1.0}, "--max-quality-drop must be >= 0"),
+])
+def test_bad_arguments_fail_before_ray_starts(model_dir, tmp_path, change, message):
+    assert not ray.is_initialized()
+    with pytest.raises(JobError, match=re.escape(message)):
+        C.compare(config(model_dir, tmp_path / "out", **change))
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(120)
+def test_command_line_bad_arguments_exit_2_with_one_line(model_dir):
+    proc = subprocess.run([sys.executable, "jobs/compare.py", "--model", model_dir, "--output", "/tmp/never",
+                           "--keeps", "16,8", "--answer-column", "label"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("compare.py: error: --answer-column 'label'"), proc.stderr
+
+
+# ---------------------------------------------------------------- the comparison on local Ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sample(model_dir, tmp_path_factory) -> Path:
+    """Six demo rows; for the first four the ground truth is the tiny model's own unpruned
+    answer written otherwise (case, article, full stop), so accuracy is neither 0 nor 100 %."""
+    table = pq.read_table(EVAL_PARQUET).slice(0, 6)
+    vlm = PrunedVLM.from_pretrained(model_dir, method="none")
+    images = [decode(b) for b in table.column("image").to_pylist()]
+    answers = [g.text for g in vlm.generate(images, table.column("question").to_pylist(), max_new_tokens=3)]
+    given = table["answer_gt"].to_pylist()
+    truth = [f"The {a.upper()}." if i < 4 else gt for i, (a, gt) in enumerate(zip(answers, given))]
+    table = table.set_column(table.column_names.index("answer_gt"), "answer_gt", pa.array(truth))
+    path = tmp_path_factory.mktemp("sample") / "sample.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+SETTINGS = [("none", None), ("vlm-pruner", 16), ("vlm-pruner", 8), ("divprune", 16), ("divprune", 8)]
+
+
+def recompute(out: Path, model_dir: str, price: float) -> list[dict]:
+    """The report's figures from the per-row Parquet alone, written out independently."""
+    text = AutoConfig.from_pretrained(model_dir).text_config
+    d, m, layers, k = text.hidden_size, text.intermediate_size, text.num_hidden_layers, 2
+
+    def paper(n):  # F(n), the paper convention
+        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+    runs = {}
+    for method, keep in SETTINGS:
+        name = "none" if keep is None else f"{method}-k{keep}"
+        runs[name] = pq.read_table(sorted((out / "runs" / name).glob("*.parquet"))).to_pylist()
+    ref = {r["id"]: r["answer"] for r in runs["none"]}
+    got = []
+    for (method, keep), (name, rows) in zip(SETTINGS, runs.items()):
+        n = len(rows)
+        full = {"none": layers, "vlm-pruner": k, "divprune": 0}[method]
+        right = [normalize(r["answer"]) == normalize(r["answer_gt"]) for r in rows]
+        pruned = sum(full * paper(r["prompt_tokens"]) + (layers - full) * paper(r["prompt_tokens_kept"]) for r in rows)
+        rps = n / sum(r["seconds"] for r in rows)
+        summary = json.loads((out / "runs" / name / "_summary.json").read_text())
+        groups = sorted({r["question_type"] for r in rows})
+        got.append({
+            "setting": name, "rows": n, "accuracy_pct": 100 * sum(right) / n,
+            "agreement_pct": 100 * sum(normalize(r["answer"]) == normalize(ref[r["id"]]) for r in rows) / n,
+            "image_tokens_kept_mean": sum(r["image_tokens_kept"] for r in rows) / n,
+            "gflops_per_sample": sum(r["flops_total"] for r in rows) / n / 1e9,
+            "flops_saved_pct": 100 * (1 - sum(r["flops_total"] for r in rows)
+                                      / sum(r["flops_total_unpruned"] for r in rows)),
+            "paper_prefill_gflops_per_sample": pruned / n / 1e9,
+            "paper_prefill_reduction_pct": 100 * (1 - pruned / sum(layers * paper(r["prompt_tokens"]) for r in rows)),
+            "rows_per_second": rps, "cost_per_million_rows": 1e6 / rps / 3600 * price,
+            "job_rows_per_second": summary["rows_per_second"],
+            "by_group": {g: 100 * sum(ok for ok, r in zip(right, rows) if r["question_type"] == g)
+                         / sum(r["question_type"] == g for r in rows) for g in groups},
+        })
+    for g in got:
+        g["speedup"] = g["rows_per_second"] / got[0]["rows_per_second"]
+        g["quality_drop_points"] = got[0]["accuracy_pct"] - g["accuracy_pct"]
+    return got
+
+
+def md_tables(report: str) -> dict[str, list[dict[str, str]]]:
+    """Each markdown table of the report under its section title, as header -> cell dicts."""
+    tables, title, lines = {}, None, report.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            title = line[3:]
+        if line.startswith("| ") and not lines[i - 1].startswith("|"):
+            head = [c.strip() for c in line.strip("|").split("|")]
+            body = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                body.append(dict(zip(head, (c.strip() for c in row.strip("|").split("|")))))
+            tables[title] = body
+    return tables
+
+
+def shown(cell: str, value: float) -> bool:
+    """Does the printed cell round `value`, at the cell's own precision?"""
+    number = cell.replace(",", "")
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    return abs(float(number) - value) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+@pytest.mark.timeout(300)
+def test_report_figures_recompute_from_rows_and_reruns_reuse_settings(local_ray, model_dir, sample, tmp_path,
+                                                                      monkeypatch):
+    out = tmp_path / "cmp"
+    cfg = config(model_dir, out, input=str(sample), gpu_hour_price=2.5, max_quality_drop=20.0)
+    logs: list[str] = []
+    first = C.compare(cfg, log=logs.append)
+    assert first["ran"] == 5 and first["settings"] == 5
+
+    want = recompute(out, model_dir, 2.5)
+    results = pq.read_table(out / "results.parquet").to_pylist()
+    assert [r["setting"] for r in results] == [w["setting"] for w in want]
+    assert want[0]["accuracy_pct"] == pytest.approx(400 / 6)  # the pipeline answers as the model does
+    assert [w["image_tokens_kept_mean"] for w in want] == [36, 16, 8, 16, 8]
+    assert all(w["rows"] == 6 for w in want)
+    for r, w in zip(results, want):
+        for key, value in w.items():
+            if key == "by_group":
+                assert {g["group"]: g["accuracy_pct"] for g in r["by_group"]} == pytest.approx(value)
+            elif key != "setting":
+                assert r[key] == pytest.approx(value, rel=1e-9, abs=1e-9), (r["setting"], key)
+
+    # the recommendation: cheapest projected cost among settings within the drop, the reference always in
+    eligible = [w for w in want if w["quality_drop_points"] <= 20.0 + 1e-9]
+    best = min(eligible, key=lambda w: (w["cost_per_million_rows"], w["gflops_per_sample"]))
+    assert [r["setting"] for r in results if r["recommended"]] == [best["setting"]] == [first["recommended"]]
+
+    report = (out / "report.md").read_text()
+    label = {"none": "unpruned", **{f"{m}-k{k}": f"{m} keep {k}" for m, k in SETTINGS[1:]}}
+    assert f"**Recommendation: {label[best['setting']]}.**" in report
+    tables = md_tables(report)
+    main, groups = tables["All settings"], tables["Accuracy (%) by `question_type`"]
+    headers = {h: key for h, key, _ in C.COLUMNS}
+    assert [row["setting"].removesuffix(" **(recommended)**") for row in main] == [label[w["setting"]] for w in want]
+    for row, w in zip(main, want):
+        assert row["setting"].endswith("(recommended)**") == (w is best)
+        for head, cell in row.items():
+            if head != "setting":
+                assert shown(cell, w[headers[head]]), (w["setting"], head, cell, w[headers[head]])
+    for row, w in zip(groups, want):
+        for head, cell in row.items():
+            if head != "setting":
+                assert shown(cell, w["by_group"][head.split(" (n=")[0]]), (w["setting"], head)
+
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 2 and "src=\"http" not in html
+    for png in ("quality_vs_flops.png", "throughput_vs_keep.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a rerun reuses every finished setting and reports the same figures
+    files = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.parquet")}
+    with monkeypatch.context() as mp:
+        mp.setattr(C.job, "run", lambda jc: pytest.fail(f"finished setting {jc.output} ran again"))
+        again = C.compare(cfg, log=logs.append)
+    assert again["ran"] == 0 and sum("reused" in line for line in logs) == 5
+    assert pq.read_table(out / "results.parquet").to_pylist() == results
+
+    # a setting that is gone runs again; the others stay as they were
+    shutil.rmtree(out / "runs" / "divprune-k8")
+    third = C.compare(cfg, log=logs.append)
+    assert third["ran"] == 1
+    assert all(p.stat().st_mtime_ns == t for p, t in files.items() if "divprune-k8" not in str(p))
+
+    # runs made with other answer-changing arguments are never mixed in
+    with pytest.raises(JobError, match="was made with max_new_tokens = 3, not 5"):
+        C.compare(replace(cfg, job=JobConfig(max_new_tokens=5, batch_size=4)))
