@@ -15,8 +15,9 @@ from pipeline.demo import scenes as S
 
 COLUMNS = ["id", "image", "question", "answer_gt", "question_type"]
 # Unpruned exact match of the committed model on the last 50 eval rows (rows 0-99 pick the
-# checkpoint during training). Issue #6 target: 0.80. Raise to 0.80 once the model gets there.
-MIN_MODEL_ACCURACY = 0.0
+# checkpoint during training). The committed model (step 600) gets 0.40; issue #6 wants 0.80:
+# raise this to 0.80 once a committed model gets there.
+MIN_MODEL_ACCURACY = 0.30
 
 
 def test_same_seed_same_bytes():
