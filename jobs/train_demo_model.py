@@ -3,19 +3,27 @@
 Why it is built this way (see issue #6 for the failed attempts it learns from):
 - Warm-up: the vision tower and projector first learn, from the generator's per-patch labels,
   what colour/shape/size of object lies under each patch. Without it the LLM never starts
-  using the image. The same patch loss stays on (smaller weight) for the rest of training.
+  using the image. The same patch loss stays on for the rest of training, fed by extra images
+  (vision steps cost a fifth of QA steps).
 - Many questions per image amortise the 576 image tokens. The token sequence is exactly the
   chat template's multi-turn rendering, but each turn only attends to the image prefix and
   itself, with positions restarting after the prefix: every answer is trained in exactly the
   state single-question inference sees, and cannot be copied from an earlier turn.
 - Curriculum over the number of objects, lr warm-up then cosine decay.
 
+Measured: colour (98 %) and size (95 %) of the object under a patch are learnt within minutes;
+shape is the bottleneck (patch accuracy near chance after 600 steps), and every question type
+but size needs it. Resuming with ``--warmup-steps`` beyond the current step re-enters the
+cheap vision-only stage; the QA schedule (lr warm-up, cosine, curriculum) restarts after it.
+
     python jobs/train_demo_model.py                 # fresh run, state in runs/demo_train/
     python jobs/train_demo_model.py --resume        # continue from runs/demo_train/
+    python jobs/train_demo_model.py --resume --warmup-steps 1600 --steps 4600  # more vision first
     python jobs/train_demo_model.py --init-from pipeline/demo/model --steps 2000  # new schedule
     python jobs/train_demo_model.py --eval-only     # full eval split, per question type
 
-Whenever the eval accuracy improves the model is written to pipeline/demo/model/ (atomically).
+Whenever the eval accuracy improves the model is written to pipeline/demo/model/ (atomically);
+the learning curve goes to runs/demo_train_curve.jsonl.
 """
 
 from __future__ import annotations
