@@ -57,7 +57,7 @@ def test_ray_job_submit_to_a_head_started_here(model_dir, tmp_path):
     try:
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
-             "python", "jobs/caption.py", "--model", model_dir, "--input", str(tmp_path / "data.parquet"),
+             sys.executable, "jobs/caption.py", "--model", model_dir, "--input", str(tmp_path / "data.parquet"),
              "--output", str(tmp_path / "out"), "--id-column", "key", "--keep", "8", "--max-new-tokens", "3"],
             capture_output=True, text=True, timeout=300, env=env)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
