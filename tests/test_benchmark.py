@@ -1,0 +1,134 @@
+"""jobs/benchmark.py on tiny models: the runtime report has every column and sane values, KV
+bytes read from the runtime's cache equal the formula, the meters and the random-weight
+builder work. The real measurements run in the job, not here."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from pruner import PrunedVLM
+from pruner.flops import full_layers
+from pruner.methods import METHODS
+from pruner.runtime import collate, prefill
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+import benchmark  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+TIME_COLUMNS = ["method", "keep", "batch", "prefill s", "speedup", "FLOPs", "meas./FLOPs", "end-to-end s"]
+MEMORY_COLUMNS = ["selection ms", "% of prefill", "GFLOP/s full / kept layers", "peak MiB prefill",
+                  "peak MiB generate", "KV MiB/sample", "KV ratio", "formula"]
+ROW_KEYS = {"method", "keep", "batch", "prompt_tokens", "prompt_tokens_kept", "image_tokens_kept", "prefill_s",
+            "prefill_spread_s", "prefill_speedup", "prefill_speedup_flops", "prefill_vs_flops", "e2e_s",
+            "e2e_spread_s", "e2e_speedup", "e2e_speedup_flops", "e2e_vs_flops", "selection_ms", "selection_frac",
+            "peak_prefill_bytes", "peak_generate_bytes", "kv_bytes", "kv_bytes_formula", "kv_ratio",
+            "kv_ratio_formula", "layers_full_gflops_per_s", "layers_kept_gflops_per_s", "prefill_runs_s",
+            "selection_runs_s", "e2e_runs_s"}
+
+
+@pytest.fixture(scope="module")
+def report(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    benchmark.main(["--model", model_dir, "--methods", "vlm-pruner,fastv,dart,divprune", "--keeps", "6",
+                    "--batches", "1,2", "--repeats", "2", "--warmup", "1", "--new-tokens", "2",
+                    "--question-tokens", "6", "--target-keep", "6", "--selection-repeats", "2", "--quiet",
+                    "--out", str(out)])
+    return json.loads((out / "runtime.json").read_text()), (out / "runtime.md").read_text()
+
+
+def test_report_has_every_row_and_column(report):
+    data, text = report
+    rows = data["rows"]
+    settings = [("none", None)] + [(m, k) for m in ("vlm-pruner", "fastv", "dart", "divprune") for k in (6,)]
+    assert [(r["method"], r["keep"], r["batch"]) for r in rows] == [(m, k, b) for b in (1, 2) for m, k in settings]
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert len(r["prefill_runs_s"]) == len(r["e2e_runs_s"]) == 2
+    for column in TIME_COLUMNS + MEMORY_COLUMNS:
+        assert f"| {column} |" in text
+    assert "| keep | chunk 16 | chunk 1 |" in text
+    assert [(c["keep"], c["chunk"]) for c in data["chunks"]] == [(6, 16), (6, 1)]
+    assert {t["target"].split(":")[0] for t in data["targets"]} >= {"vlm-pruner keep 6, batch 1"}
+    assert len(data["targets"]) == 6  # speed limit, selection at 1 and 2, throughput x 2, KV
+
+
+def test_values_are_consistent(report):
+    data, _ = report
+    for r in data["rows"]:
+        assert 0 <= r["selection_frac"] < 1
+        assert r["prefill_s"] > 0 and r["e2e_s"] > 0
+        assert r["peak_prefill_bytes"] > 0 and r["peak_generate_bytes"] > 0
+        assert r["kv_bytes"] == r["kv_bytes_formula"]  # equal-length prompts: no padding in the cache
+        assert r["kv_ratio"] == pytest.approx(r["kv_ratio_formula"])
+        stage = METHODS[r["method"]].stage
+        assert (r["layers_full_gflops_per_s"] is None) == (stage == "projector")  # every layer sees the kept prompt
+        assert (r["layers_kept_gflops_per_s"] is None) == (stage == "none")
+        if r["method"] == "none":
+            assert r["prefill_speedup"] == r["prefill_speedup_flops"] == 1
+            assert r["selection_ms"] == 0 and r["kv_ratio"] == 1
+        else:
+            assert r["selection_ms"] > 0
+            assert r["image_tokens_kept"] == r["keep"]
+            assert r["prefill_speedup_flops"] > 1 and r["kv_ratio"] < 1
+    kv = {r["method"]: r["kv_ratio_formula"] for r in data["rows"] if r["batch"] == 1}
+    assert kv["divprune"] < kv["vlm-pruner"] == kv["fastv"] == kv["dart"] < 1  # divprune prunes before layer 0
+
+
+def test_kv_bytes_from_the_cache_equal_the_formula():
+    model, proc = tiny.llava()
+    text = model.config.text_config
+    for method, keep in (("none", None), ("vlm-pruner", 5), ("fastv", 9), ("divprune", 5)):
+        vlm = PrunedVLM(model, proc, method=method, **({} if keep is None else {"keep": keep}))
+        for size in (1, 3):  # one sample; three of the same length
+            samples = vlm.preprocess([tiny.image(i) for i in range(size)], ["what is the colour ?"] * size)
+            with torch.inference_mode():
+                _, state = prefill(vlm.adapter, vlm.plan, collate(vlm.adapter, samples, vlm.device), room=4)
+            n, kept = state.prompt_tokens[0], state.prompt_tokens_kept[0]
+            assert kept == n - 36 + (keep or 36)
+            full = full_layers(vlm.method.stage, vlm.prune_layer, text.num_hidden_layers) if kept < n \
+                else text.num_hidden_layers
+            formula = benchmark.kv_bytes_formula(text, full, n, kept, itemsize=4)
+            assert benchmark.kv_bytes(state.cache) == size * formula
+
+
+def test_peak_memory_sees_a_temporary_tensor():
+    with benchmark.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(16, 2**20)  # 64 MiB
+        y = x.sum()
+        del x
+    assert y == 16 * 2**20
+    assert 60 * 2**20 <= mem.peak <= 200 * 2**20
+
+
+def test_random_weights_match_a_normally_built_model():
+    reference, _ = tiny.llava()
+    model = benchmark.random_weights(reference.config, torch.float32, torch.device("cpu"))
+    for (name, a), (_, b) in zip(reference.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+    params = dict(model.named_parameters())
+    assert set(params) == set(dict(reference.named_parameters()))
+    assert all(torch.isfinite(p).all() for p in params.values())
+    assert (params["model.language_model.norm.weight"] == 1).all()
+    assert float(params["lm_head.weight"].detach().std()) == pytest.approx(reference.config.text_config.initializer_range, rel=0.1)
+    vlm = PrunedVLM(model, tiny.llava()[1], method="vlm-pruner", keep=5)
+    out = vlm.generate([tiny.image(0)], ["what is the colour ?"], max_new_tokens=2)[0]
+    assert out.image_tokens_kept == 5
+
+
+def test_methods_flag_parses_parameters():
+    assert benchmark.parse_methods("vlm-pruner, fastv,vlm-pruner:chunk=1") == [
+        ("vlm-pruner", ()), ("fastv", ()), ("vlm-pruner", (("chunk", 1),))]
+    with pytest.raises(SystemExit):
+        benchmark.parse_methods("nope")
+    with pytest.raises(ValueError):
+        benchmark.parse_methods("fastv:chunk=1")
+
+
+def test_selection_subcommand_still_runs(capsys):
+    benchmark.main(["selection", "--n", "16", "--dim", "8", "--keeps", "4", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| vlm-pruner chunk=1 |" in out and "| divprune |" in out
