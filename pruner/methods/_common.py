@@ -77,6 +77,3 @@ def grid_coords(grid: Grid, n: int, device: torch.device | None = None) -> tuple
 def _is_single_grid(grid: Grid) -> bool:
     return isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) for v in grid)
 
-
-def all_tokens(n: int, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device)
