@@ -663,40 +663,40 @@ def run_runtime(args: argparse.Namespace) -> dict:
 
     keeps = [int(k) for k in args.keeps.split(",")]
     settings = [Setting("none")] + [Setting(m, k, p) for m, p in parse_methods(args.methods) for k in keeps]
+    from pruner import PrunedVLM
+
+    sample = workload(PrunedVLM(model, processor), 1, args.question_tokens)[0]
+    meta = {
+        "model": name, "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(), "prompt_tokens": len(sample.input_ids),
+        "image_tokens": int((sample.input_ids == model.config.image_token_id).sum()),
+        "new_tokens": args.new_tokens, "prune_layer": args.prune_layer, "repeats": args.repeats,
+        "warmup": args.warmup, "weights_bytes": sum(p.nbytes for p in model.parameters()),
+        "memory": "CUDA allocator peak" if device.type == "cuda" else
+        ("glibc mallinfo2 in-use bytes sampled every 0.5 ms" if _MALLINFO2 else "resident set size, sampled"),
+        "command": " ".join(sys.argv),
+    }
     capture: dict = {}
+    chunks: list[dict] = []
     runs_by_batch = {}
     for b in (int(x) for x in args.batches.split(",")):
         runs_by_batch[b] = measure_batch(
             model, processor, settings, b, prune_layer=args.prune_layer, repeats=args.repeats, warmup=args.warmup,
             new_tokens=args.new_tokens, question_tokens=args.question_tokens, log=log,
             capture=capture if args.chunks else None)
-    from pruner import PrunedVLM
-
-    sample = workload(PrunedVLM(model, processor), 1, args.question_tokens)[0]
-    rows = summarize(model, runs_by_batch, prune_layer=args.prune_layer, new_tokens=args.new_tokens,
-                     sample_vision=sample.vision)
-    chunks = []
-    if args.chunks and "signals" in capture:
-        sizes = [int(c) for c in args.chunks.split(",")]
-        chunks = chunk_comparison(capture["signals"], keeps, sizes, args.selection_repeats)
-    goals = targets(rows, args.target_keep)
-    first = rows[0]
-    meta = {
-        "model": name, "dtype": str(dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "threads": torch.get_num_threads(), "cores": os.cpu_count(),
-        "prompt_tokens": first["prompt_tokens"],
-        "image_tokens": int((sample.input_ids == model.config.image_token_id).sum()), "new_tokens": args.new_tokens, "prune_layer": args.prune_layer, "repeats": args.repeats,
-        "warmup": args.warmup, "weights_bytes": sum(p.nbytes for p in model.parameters()),
-        "memory": "CUDA allocator peak" if device.type == "cuda" else
-        ("glibc mallinfo2 in-use bytes sampled every 0.5 ms" if _MALLINFO2 else "resident set size, sampled"),
-        "command": " ".join(sys.argv), "seconds": time.perf_counter() - start,
-    }
-    text = markdown(meta, rows, chunks, goals)
-    report = {"meta": meta, "rows": rows, "chunks": chunks, "targets": goals}
+        if args.chunks and "signals" in capture and not chunks:
+            sizes = [int(c) for c in args.chunks.split(",")]
+            chunks = chunk_comparison(capture["signals"], keeps, sizes, args.selection_repeats)
+        rows = summarize(model, runs_by_batch, prune_layer=args.prune_layer, new_tokens=args.new_tokens,
+                         sample_vision=sample.vision)
+        goals = targets(rows, args.target_keep)
+        meta["seconds"] = time.perf_counter() - start
+        text = markdown(meta, rows, chunks, goals)
+        report = {"meta": meta, "rows": rows, "chunks": chunks, "targets": goals}
+        if args.out:  # after every batch size, so that a killed run keeps what it measured
+            write_outputs(args.out, report, text)
     print(text)
-    if args.out:
-        write_outputs(args.out, report, text)
     return report
 
 
