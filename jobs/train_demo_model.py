@@ -178,16 +178,18 @@ class PatchHeads(torch.nn.Module):
     def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """feats: [B, 576, D]; labels: [B, 576, 3] (colour, shape, size; 0 = background).
 
-        Colour is scored on every patch (it also says "object or not"); shape and size only on
-        object patches, which are ~10 % of the grid: averaged over all patches their gradient
-        was too diluted for shape to be learnt at all (object-patch accuracy stayed at chance).
+        Objects cover ~2 % of the patches, so every loss is averaged over object patches;
+        colour (which also says "object or not") adds the background patches' mean as a
+        separate term. Averaged over all patches, the object patches' gradient was too
+        diluted to learn from.
         """
         obj = labels[..., 0] > 0  # [B, 576]
         total, acc = 0.0, {}
         for i, (name, head) in enumerate((("color", self.color), ("shape", self.shape), ("size", self.size))):
             logits = head(feats.float())  # [B, 576, C]
-            target = labels[..., i] if i == 0 else labels[..., i].masked_fill(~obj, -100)
-            total = total + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+            total = total + F.cross_entropy(logits[obj], labels[..., i][obj])
+            if i == 0:
+                total = total + F.cross_entropy(logits[~obj], labels[..., 0][~obj])
             acc[name] = (logits.argmax(-1) == labels[..., i])[obj].float().mean().item()
         return total, acc
 

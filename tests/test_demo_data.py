@@ -69,6 +69,21 @@ def test_images_match_scenes():
             assert labels[o.cy // S.PATCH, o.cx // S.PATCH] == i
 
 
+def test_objects_sit_on_the_patch_grid():
+    """A small object fills one patch, a large one a 2x2 block, and no patch holds two objects:
+    every patch an object touches shows a distinctive piece of its outline."""
+    for scene, *_ in S.samples(6, 60):
+        labels = S.patch_labels(scene)  # [24, 24]
+        for i, o in enumerate(scene.objects):
+            rows, cols = np.nonzero(labels == i)
+            if o.size == "small":
+                assert len(rows) == 1 and (rows[0], cols[0]) == (o.cy // S.PATCH, o.cx // S.PATCH)
+            else:
+                assert len(rows) == 4 and np.ptp(rows) == 1 and np.ptp(cols) == 1, (o, rows, cols)
+        owners = np.asarray(S.render(scene))  # every object's colour appears: none is hidden
+        assert all((owners == S.COLORS[o.color]).all(-1).sum() >= 40 for o in scene.objects)
+
+
 def test_committed_eval_split_is_the_generator_output():
     table = pq.read_table(EVAL_PARQUET)
     assert table.column_names == COLUMNS
