@@ -181,6 +181,12 @@ def workload(vlm, batch: int, question_tokens: int, seed: int = 0) -> list:
 # ====================================================================== runtime: meters
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the device, so that wall-clock times are the device's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PeakMemory:
     """Peak bytes allocated during the block, above the level at its start (`.peak`).
 
@@ -284,17 +290,13 @@ class PrefillMeter:
 
     def _timed(self, fn: Callable, record: Callable) -> Callable:
         def timed(*args, **kwargs):
-            self._sync()
+            _sync(self.device)
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            self._sync()
+            _sync(self.device)
             record(time.perf_counter() - start, *args, **kwargs)
             return out
         return timed
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def kv_bytes(cache) -> int:
@@ -390,10 +392,6 @@ def measure_batch(model, processor, settings: list[Setting], batch: int, *, prun
     runs = {s: Runs() for s in settings}
     meter = PrefillMeter(device)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for round_ in range(warmup + repeats):
         timed = round_ >= warmup
         for s, vlm in vlms.items():
@@ -405,10 +403,10 @@ def measure_batch(model, processor, settings: list[Setting], batch: int, *, prun
             # prefill alone: the batch is collated (vision tower run) outside the timed region
             mem = PeakMemory(device) if round_ == 0 else nullcontext()
             with torch.inference_mode(), meter.active(), mem:
-                sync()
+                _sync(device)
                 start = time.perf_counter()
                 _, state = prefill(vlm.adapter, plan, collated, room=new_tokens)
-                sync()
+                _sync(device)
                 seconds = time.perf_counter() - start
             if timed:
                 r.prefill.append(seconds)
@@ -424,10 +422,10 @@ def measure_batch(model, processor, settings: list[Setting], batch: int, *, prun
             # end to end: collate (vision tower) + prefill + new_tokens - 1 decode steps
             mem = PeakMemory(device) if round_ == 0 else nullcontext()
             with mem:
-                sync()
+                _sync(device)
                 start = time.perf_counter()
                 out = vlm.generate_prepared(samples, new_tokens)
-                sync()
+                _sync(device)
                 seconds = time.perf_counter() - start
             assert all(o.generated_tokens == new_tokens for o in out)
             if timed:

@@ -80,8 +80,8 @@ def test_objects_sit_on_the_patch_grid():
                 assert len(rows) == 1 and (rows[0], cols[0]) == (o.cy // S.PATCH, o.cx // S.PATCH)
             else:
                 assert len(rows) == 4 and np.ptp(rows) == 1 and np.ptp(cols) == 1, (o, rows, cols)
-        owners = np.asarray(S.render(scene))  # every object's colour appears: none is hidden
-        assert all((owners == S.COLORS[o.color]).all(-1).sum() >= 40 for o in scene.objects)
+        pixels = np.asarray(S.render(scene))  # every object's colour appears: none is hidden
+        assert all((pixels == S.COLORS[o.color]).all(-1).sum() >= 40 for o in scene.objects)
 
 
 def test_committed_eval_split_is_the_generator_output():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -72,7 +71,8 @@ class Scene:
 
 
 def _cells(cx: int, cy: int, r: int) -> set[tuple[int, int]]:
-    """Grid cells (row, col) the object's bounding box touches."""
+    """Grid cells (row, col) of the box [c - r, c + r) around the centre: what the object covers
+    (a small object drawn one pixel off-centre may overhang its patch by one pixel column)."""
     return {(y // PATCH, x // PATCH) for y in (cy - r, cy + r - 1) for x in (cx - r, cx + r - 1)}
 
 
