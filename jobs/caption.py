@@ -44,6 +44,8 @@ def parse(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="model actors")
     p.add_argument("--num-gpus-per-actor", type=float,
                    help="default: 1 when the cluster has GPUs, else 0 (CPU)")
+    p.add_argument("--threads-per-actor", type=int,
+                   help="torch threads of a CPU model actor (default: the node's CPUs / --concurrency)")
     p.add_argument("--limit", type=int, help="only the first N input rows")
     p.add_argument("--no-resume", action="store_true", help="start over: delete earlier output first")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -56,7 +58,7 @@ def parse(argv: list[str] | None = None) -> JobConfig:
         prune_layer=a.prune_layer, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
         question=a.question, split=a.split, image_column=a.image_column, question_column=a.question_column,
         id_column=a.id_column, concurrency=a.concurrency, num_gpus_per_actor=a.num_gpus_per_actor,
-        limit=a.limit, resume=not a.no_resume, max_image_pixels=a.max_image_pixels, rows_per_file=a.rows_per_file,
+        threads_per_actor=a.threads_per_actor, limit=a.limit, resume=not a.no_resume, max_image_pixels=a.max_image_pixels, rows_per_file=a.rows_per_file,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -111,7 +112,10 @@ class Answerer:
     """A model actor: loads one PrunedVLM, answers batches of prepared rows."""
 
     def __init__(self, model_path: str, model_name: str, method: str, keep: int | None, rate: float | None,
-                 prune_layer: int, max_new_tokens: int, method_params: dict | None = None):
+                 prune_layer: int, max_new_tokens: int, method_params: dict | None = None,
+                 threads: int | None = None):
+        if threads is not None:  # Ray pins OMP_NUM_THREADS to the actor's reserved CPUs
+            torch.set_num_threads(threads)
         self.vlm = PrunedVLM.from_pretrained(model_path, method=method, keep=keep, rate=rate,
                                              prune_layer=prune_layer, **(method_params or {}))
         self.static = {"model": model_name, "method": method, "prune_layer": prune_layer,

@@ -13,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from PIL import Image
 
 import tiny
 from pipeline import resume
-from pipeline.job import JobConfig, JobError, run
+from pipeline.job import JobConfig, JobError, actor_threads, run
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.stages import Answerer, Columns, assign_ids, prepare
 from pruner import PrunedVLM
@@ -187,6 +188,22 @@ def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
     assert summary["rows"] == len(rows) and summary["image_tokens_kept_mean"] == 8.0
 
 
+def test_cpu_actors_use_the_nodes_cores(model_dir):
+    """Ray pins an actor's OMP_NUM_THREADS to its reserved CPUs (1); the model must not run on
+    one thread of a multi-core node (it made the job 0.47x a plain loop on 2 cores)."""
+    assert actor_threads(JobConfig(), cpus=2.0) == 2
+    assert actor_threads(JobConfig(concurrency=2), cpus=8.0) == 4
+    assert actor_threads(JobConfig(concurrency=4), cpus=2.0) == 1
+    assert actor_threads(JobConfig(threads_per_actor=3), cpus=2.0) == 3
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Answerer(model_dir, "tiny", "vlm-pruner", 8, None, 2, 4, threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- the command line
 
 
@@ -197,6 +214,7 @@ def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
     (["--rate", "1.5"], "--rate must be in [0, 1)"),
     (["--prune-layer", "9"], "--prune-layer must be in [1, 3]"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--threads-per-actor", "0"], "--threads-per-actor must be >= 1"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(local_ray, model_dir, args, message, capsys, tmp_path):
     sys.path.insert(0, str(ROOT / "jobs"))
