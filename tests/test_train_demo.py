@@ -95,3 +95,9 @@ def test_existence_questions_are_balanced():
     for _ in range(50):
         answers = [a for q, a in T.sample_turns(S.sample_scene(rng), rng, 14) if q.startswith("is there")]
         assert abs(answers.count("yes") - answers.count("no")) <= 1, answers
+
+
+def test_shape_ordered_caption_names_shape_then_colour():
+    objs = [S.Obj("square", "red", "small", 7, 7, 6), S.Obj("circle", "blue", "large", 56, 56, 11),
+            S.Obj("square", "green", "large", 112, 112, 11)]
+    assert T.by_shape(S.Scene((255, 255, 255), tuple(objs))) == "circle blue, square red, square green"
