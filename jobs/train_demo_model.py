@@ -151,8 +151,9 @@ def build_model(tok: PreTrainedTokenizerFast, vision_width: int, vision_layers: 
     text = LlamaConfig(
         vocab_size=len(tok), hidden_size=llm_width, intermediate_size=3 * llm_width, num_hidden_layers=llm_layers,
         num_attention_heads=llm_width // 64, num_key_value_heads=llm_width // 64, max_position_embeddings=1024,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -186,10 +187,9 @@ class PatchHeads(torch.nn.Module):
     The class vectors are the LLM's own (tied) embeddings of the words "red", "circle", "small",
     ..., compared by cosine: an object's image token is pushed towards the sum of the embeddings
     of its colour, shape and size words, with equal weight. Why: the LLM answers by matching the
-    question's words against image tokens. With plain linear probes, shape was decodable from the
-    tokens at 99.8 % but small next to colour in them, and the LLM never learnt to find an
-    object by its shape ("what color is the circle?" stayed near chance while "what shape is
-    the red object?" reached 84 %).
+    question's words against image tokens, so the tokens should carry every attribute in the
+    question's own terms (measured: object tokens end at cosine 0.6 / 0.5 / 0.4 with their
+    colour / shape / size words).
     """
 
     ATTRIBUTES = (("color", S.COLOR_NAMES), ("shape", S.SHAPES), ("size", S.SIZES))
@@ -253,6 +253,8 @@ def by_shape(scene: S.Scene) -> str:
     "is there a red circle?" was answered from whether red was present (P(yes) 0.52 whether
     or not a circle was), and "what color is the circle?" stayed at chance. Listing by shape
     puts the shape word right before the colour to be looked up, as captions do for colour.
+    With it (and a longer run; its own share is not isolated) existence reached 95 % and
+    colour 49 % on the eval split.
     """
     objs = sorted(scene.objects, key=lambda o: (S.SHAPES.index(o.shape), S.COLOR_NAMES.index(o.color)))
     return ", ".join(f"{o.shape} {o.color}" for o in objs)
