@@ -726,10 +726,11 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
     loop = len(rows) / (time.perf_counter() - start)
     shutil.rmtree(args.output, ignore_errors=True)
     job = run(JobConfig(output=args.output, limit=len(rows), batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens))
+                        max_new_tokens=args.max_new_tokens, threads_per_actor=args.threads_per_actor))
     result = {"rows": len(rows), "batch_size": args.batch_size, "loop_rows_per_second": round(loop, 3),
               "job_rows_per_second": job["rows_per_second"], "job_over_loop": round(job["rows_per_second"] / loop, 3),
-              "job_wall_seconds": job["wall_seconds"], "torch_threads": torch.get_num_threads()}
+              "job_wall_seconds": job["wall_seconds"], "torch_threads": torch.get_num_threads(),
+              "actor_threads": args.threads_per_actor or os.cpu_count()}  # the job's default: the node's CPUs
     print(json.dumps(result, indent=1))
     return result
 
@@ -777,6 +778,7 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--batch-size", type=int, default=8)
     pipe.add_argument("--max-new-tokens", type=int, default=32)
     pipe.add_argument("--output", default="out/bench-pipeline")
+    pipe.add_argument("--threads-per-actor", type=int, help="default: the job's (the node's CPUs)")
     return p
 
 
