@@ -710,10 +710,11 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
     import shutil
 
     import pyarrow.parquet as pq
+    import ray
     from PIL import Image
 
     from pipeline.demo import EVAL_PARQUET, MODEL_DIR
-    from pipeline.job import JobConfig, run
+    from pipeline.job import JobConfig, actor_threads, run
     from pruner import PrunedVLM
 
     rows = pq.read_table(EVAL_PARQUET).slice(0, args.rows).to_pylist()
@@ -725,12 +726,13 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
         vlm.generate(images, [r["question"] for r in chunk], max_new_tokens=args.max_new_tokens)
     loop = len(rows) / (time.perf_counter() - start)
     shutil.rmtree(args.output, ignore_errors=True)
-    job = run(JobConfig(output=args.output, limit=len(rows), batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens, threads_per_actor=args.threads_per_actor))
+    cfg = JobConfig(output=args.output, limit=len(rows), batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, threads_per_actor=args.threads_per_actor)
+    job = run(cfg)
     result = {"rows": len(rows), "batch_size": args.batch_size, "loop_rows_per_second": round(loop, 3),
               "job_rows_per_second": job["rows_per_second"], "job_over_loop": round(job["rows_per_second"] / loop, 3),
               "job_wall_seconds": job["wall_seconds"], "torch_threads": torch.get_num_threads(),
-              "actor_threads": args.threads_per_actor or os.cpu_count()}  # the job's default: the node's CPUs
+              "actor_threads": actor_threads(cfg, ray.cluster_resources()["CPU"])}
     print(json.dumps(result, indent=1))
     return result
 

@@ -58,7 +58,8 @@ def parse(argv: list[str] | None = None) -> JobConfig:
         prune_layer=a.prune_layer, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
         question=a.question, split=a.split, image_column=a.image_column, question_column=a.question_column,
         id_column=a.id_column, concurrency=a.concurrency, num_gpus_per_actor=a.num_gpus_per_actor,
-        threads_per_actor=a.threads_per_actor, limit=a.limit, resume=not a.no_resume, max_image_pixels=a.max_image_pixels, rows_per_file=a.rows_per_file,
+        threads_per_actor=a.threads_per_actor, limit=a.limit, resume=not a.no_resume,
+        max_image_pixels=a.max_image_pixels, rows_per_file=a.rows_per_file,
     )
 
 

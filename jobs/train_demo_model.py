@@ -201,7 +201,8 @@ class PatchHeads(torch.nn.Module):
         self.background = torch.nn.Parameter(torch.randn(len(self.ATTRIBUTES), dim) * 0.02)  # class 0, per attribute
         self.scale = torch.nn.Parameter(torch.tensor(10.0))
 
-    def loss(self, feats: torch.Tensor, labels: torch.Tensor, embed: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, feats: torch.Tensor, labels: torch.Tensor,
+             embed: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """feats: [B, 576, D]; labels: [B, 576, 3] (colour, shape, size; 0 = background);
         embed: the LLM's input embedding matrix [V, D].
 
@@ -403,7 +404,8 @@ def drop_background(b: dict, img: torch.Tensor, n_keep: int, image_id: int, seed
     keep = ~is_img
     keep[is_img] = keep_img.reshape(-1)  # image tokens are in grid order
     n = int(keep[0].sum())
-    out = {k: (v[keep].view(B, n) if k in ("input_ids", "labels", "segment", "position_ids") else v) for k, v in b.items()}
+    per_token = ("input_ids", "labels", "segment", "position_ids")
+    out = {k: (v[keep].view(B, n) if k in per_token else v) for k, v in b.items()}  # [B, n]
     return out, img[:B][keep_img].view(B, n_keep, -1)  # [B, n_keep, D]
 
 
@@ -665,7 +667,8 @@ def main() -> None:
         for k, v in {"patch": patch_loss.item(), **patch_acc, "qa": qa.item()}.items():
             ema[k] = v if k not in ema or math.isnan(ema[k]) else 0.9 * ema[k] + 0.1 * v
         bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()} | {"keep": keep_at(step, a), "min": f"{minutes:.0f}"}, refresh=False)
+        postfix = {k: f"{v:.3f}" for k, v in ema.items()} | {"keep": keep_at(step, a), "min": f"{minutes:.0f}"}
+        bar.set_postfix(postfix, refresh=False)
 
         stage_end = step == a.warmup_steps
         if (not vision_only and step % a.eval_every == 0) or step == a.steps:

@@ -136,4 +136,3 @@ def test_committed_model_answers_eval_slice():
                                                max_new_tokens=24)]
     hits = [S.normalize_answer(p) == S.normalize_answer(r["answer_gt"]) for p, r in zip(preds, rows)]
     assert np.mean(hits) >= MIN_MODEL_ACCURACY, list(zip(preds, [r["answer_gt"] for r in rows]))
-
