@@ -1,101 +1,28 @@
 """The captioning / labeling job as a Ray Data pipeline:
 
-read -> ids and resume filter -> decode + preprocess (CPU tasks) -> model actors -> Parquet.
+read -> number rows, skip done ones -> ids, decode + preprocess (CPU tasks) -> model actors -> Parquet.
+
+Before any work the output folder is checked and locked, and its manifest compared with
+this configuration (`pipeline.output` says what the folder holds).
 """
 from __future__ import annotations
 
-import json
-import posixpath
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from datetime import datetime, timezone
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import ray
 import ray.data
-from transformers import AutoConfig
+from ray.data import ActorPoolStrategy
+from ray.data.datasource import FilenameProvider
 
-from pruner.methods import get_method
-from pruner.models import adapter_class
-
-from . import resume
-from .demo import EVAL_PARQUET, MODEL_DIR
-from .images import DEFAULT_MAX_PIXELS
+from . import output as out_
+from .config import ANSWER_FIELDS, JobConfig, JobError, model_fingerprint
 from .sources import Source, SourceError, open_source
-from .stages import DEFAULT_QUESTION, Answerer, Columns, assign_ids, prepare
+from .stages import Answerer, Columns, Numberer, prepare
 
-SUMMARY = "_summary.json"
-
-
-class JobError(ValueError):
-    """Bad arguments: reported as one line before any work starts."""
-
-
-@dataclass
-class JobConfig:
-    input: str = str(EVAL_PARQUET)
-    output: str = "out/caption"
-    model: str | None = None  # None: the bundled demo model
-    method: str = "vlm-pruner"
-    keep: int | None = None  # None with rate None: 64
-    rate: float | None = None
-    prune_layer: int = 2
-    batch_size: int = 8
-    max_new_tokens: int = 32
-    question: str = DEFAULT_QUESTION
-    split: str | None = None
-    image_column: str | None = None
-    question_column: str | None = None
-    id_column: str | None = None
-    concurrency: int = 1
-    num_gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
-    threads_per_actor: int | None = None  # torch threads of a CPU actor; None: the node's CPUs / concurrency
-    limit: int | None = None
-    resume: bool = True
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    rows_per_file: int = 512
-    method_params: dict = field(default_factory=dict)
-
-    @property
-    def model_path(self) -> str:
-        return self.model or str(MODEL_DIR)
-
-    @property
-    def model_name(self) -> str:
-        return self.model or "demo"
-
-
-def check(cfg: JobConfig) -> None:
-    """Everything that can be wrong with the arguments alone, before Ray starts."""
-    try:
-        method = get_method(cfg.method)
-        method.check_params(cfg.method_params)
-    except ValueError as e:
-        raise JobError(str(e)) from None
-    if cfg.keep is not None and cfg.rate is not None:
-        raise JobError("give --keep or --rate, not both")
-    if cfg.keep is not None and (isinstance(cfg.keep, bool) or cfg.keep < 1):
-        raise JobError(f"--keep must be >= 1, got {cfg.keep}")
-    if cfg.rate is not None and not 0 <= cfg.rate < 1:
-        raise JobError(f"--rate must be in [0, 1), got {cfg.rate}")
-    for name in ("batch_size", "max_new_tokens", "concurrency", "max_image_pixels", "rows_per_file"):
-        if getattr(cfg, name) < 1:
-            raise JobError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.threads_per_actor is not None and cfg.threads_per_actor < 1:
-        raise JobError(f"--threads-per-actor must be >= 1, got {cfg.threads_per_actor}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise JobError(f"--limit must be >= 1, got {cfg.limit}")
-    try:
-        config = AutoConfig.from_pretrained(cfg.model_path)
-        adapter_class(config.model_type)
-    except ValueError as e:
-        raise JobError(str(e).splitlines()[0]) from None
-    except OSError as e:
-        raise JobError(f"cannot load model {cfg.model_path!r}: {str(e).splitlines()[0]}") from None
-    layers = config.get_text_config().num_hidden_layers
-    if method.stage == "layer" and not 1 <= cfg.prune_layer < layers:
-        raise JobError(f"--prune-layer must be in [1, {layers - 1}] for this {layers}-layer model, got {cfg.prune_layer}")
+MANIFEST_VERSION = 1
 
 
 def columns(cfg: JobConfig, source: Source) -> Columns:
@@ -114,22 +41,68 @@ def columns(cfg: JobConfig, source: Source) -> Columns:
     return Columns(image=image, question=question, id=id_col, default_question=cfg.question)
 
 
-def run(cfg: JobConfig) -> dict:
-    """Run the job to completion; returns (and writes) the summary."""
-    check(cfg)
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR", log_to_driver=False)
-    try:
-        source = open_source(cfg.input, cfg.split)
-    except SourceError as e:
-        raise JobError(str(e)) from None
-    cols = columns(cfg, source)
-    if not cfg.resume:
-        _clear(cfg.output)
-    before = resume.scan(cfg.output)
+def differences(stored: dict, now: dict) -> list[str]:
+    """`name: old -> new` for each answer-deciding field that differs."""
+    names = [n for n in (*ANSWER_FIELDS, "model_fingerprint") if stored.get(n) != now.get(n)]
+    return [f"{n}: {stored.get(n)!r} -> {now.get(n)!r}" for n in names]
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = cfg.limit is not None  # --limit means the first rows
+
+def open_manifest(folder: out_.Folder, cfg: JobConfig) -> dict:
+    """The manifest this run writes under: the stored one when the configuration is the same,
+    a new one (new job id) for an empty folder or with --overwrite. Raises JobError when the
+    folder holds another configuration."""
+    now = {**cfg.answer_config(), "model_fingerprint": model_fingerprint(cfg.model)}
+    stored = folder.read_json(out_.MANIFEST)
+    if stored is not None and not cfg.overwrite:
+        diff = differences(stored.get("config", {}), now)
+        if diff:
+            raise JobError(f"{folder.uri} holds a run with another configuration ({'; '.join(diff)}); "
+                           f"pass --overwrite to start over, or use another --output")
+        return {**stored, "runs": stored.get("runs", 0) + 1}
+    if stored is not None or cfg.overwrite:
+        out_.clear(folder, (stored or {}).get("job_id"))
+    return {"version": MANIFEST_VERSION, "job_id": uuid.uuid4().hex[:12], "runs": 1, "config": now,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+class _Names(FilenameProvider):
+    """Output files named `labels-<job id>-r<run>-<write>-<task>.parquet`: the job's own pattern."""
+
+    def __init__(self, prefix: str):
+        super().__init__(file_format="parquet")
+        self.prefix = prefix
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.prefix}{write_uuid}-{task_index:06}.parquet"
+
+
+def run(cfg: JobConfig) -> dict:
+    """Run the job to completion; returns (and writes) the summary. Raises JobError, before
+    any work, for an unusable output folder, one that another run holds, or one that holds
+    another configuration."""
+    folder = out_.Folder(cfg.output)
+    folder.check(cfg.input)
+    with out_.Lock(folder):
+        manifest = open_manifest(folder, cfg)
+        done = out_.prepare_resume(folder, manifest["job_id"], cfg.limit, cfg.retry_errors)
+        folder.write_json(out_.MANIFEST, manifest)
+        if not ray.is_initialized():
+            ray.init(logging_level="ERROR", log_to_driver=False)
+        try:
+            source = open_source(cfg.input, cfg.split)
+        except SourceError as e:
+            raise JobError(str(e)) from None
+        ds = pipeline(cfg, source, done, out_.file_prefix(manifest["job_id"], manifest["runs"]))
+        start = time.perf_counter()
+        ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file,
+                         filename_provider=_Names(out_.file_prefix(manifest["job_id"], manifest["runs"])))
+        return write_summary(folder, cfg, manifest, done, time.perf_counter() - start)
+
+
+def pipeline(cfg: JobConfig, source: Source, done: out_.Done, prefix: str) -> ray.data.Dataset:
+    cols = columns(cfg, source)
+    # In order: rows are numbered by position as they pass one actor, and --limit means the first rows.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     gpus = cfg.num_gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -138,27 +111,20 @@ def run(cfg: JobConfig) -> dict:
     ds = source.dataset
     if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
-    done = pa.array(sorted(before.ids), pa.string())
-    ds = ds.map_batches(_ids_and_skip, fn_kwargs={"cols": cols, "done": done}, batch_format="pyarrow",
-                        num_cpus=0.25)
+    # On the driver's node: a lost worker node must not take the row count with it.
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    ds = ds.map_batches(Numberer, batch_format="pyarrow", batch_size=None, compute=ActorPoolStrategy(size=1),
+                        num_cpus=0, label_selector=here, fn_constructor_kwargs={"done": ray.put(done.rows)})
     # One model batch per block, so answers stream to the writer as batches finish rather
     # than when a whole input file is done.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(prepare, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs={"cols": cols, "model_path": cfg.model_path, "base_dir": source.base_dir,
+                        fn_kwargs={"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir,
                                    "max_pixels": cfg.max_image_pixels})
-    ds = ds.map_batches(
-        Answerer, batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.concurrency,
+    return ds.map_batches(
+        Answerer, batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
         num_gpus=gpus, num_cpus=1 if gpus > 0 else min(1.0, cpus / 2),
-        fn_constructor_kwargs={"model_path": cfg.model_path, "model_name": cfg.model_name,
-                               "threads": None if gpus > 0 else actor_threads(cfg, cpus),
-                               "method": cfg.method, "keep": cfg.keep, "rate": cfg.rate,
-                               "prune_layer": cfg.prune_layer, "max_new_tokens": cfg.max_new_tokens,
-                               "method_params": cfg.method_params})
-    start = time.perf_counter()
-    ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file)
-    wall = time.perf_counter() - start
-    return write_summary(cfg, before, wall)
+        fn_constructor_kwargs={"cfg": cfg, "threads": None if gpus > 0 else actor_threads(cfg, cpus)})
 
 
 def actor_threads(cfg: JobConfig, cpus: float) -> int:
@@ -171,48 +137,33 @@ def actor_threads(cfg: JobConfig, cpus: float) -> int:
     return max(1, int(cpus) // cfg.concurrency)
 
 
-def _ids_and_skip(batch: pa.Table, cols: Columns, done: pa.Array) -> pa.Table:
-    batch = assign_ids(batch, cols)
-    if len(done) == 0:
-        return batch
-    return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=done)))
-
-
-def write_summary(cfg: JobConfig, before: resume.OutputState, wall: float) -> dict:
-    after = resume.scan(cfg.output)
-    new_files = [f for f in after.files if f not in set(before.files)]
-    cols = ["id", "error", "image_tokens_kept", "flops_total", "flops_total_unpruned"]
-    everything = resume.read_rows(cfg.output, after.files, cols)
-    new = resume.read_rows(cfg.output, new_files, cols)
-    ok = everything.filter(pc.is_null(everything.column("error"))) if everything.num_rows else everything
-
-    def total(name: str) -> int:
-        return int(pc.sum(ok.column(name)).as_py() or 0) if ok.num_rows else 0
-
-    unpruned = total("flops_total_unpruned")
+def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out_.Done, wall: float) -> dict:
+    """The final state of the folder, and what this run did."""
+    t = out_.totals(folder, manifest["job_id"], manifest["runs"])
+    foreign = folder.foreign(manifest["job_id"])
     summary = {
-        "rows": everything.num_rows,
-        "processed": new.num_rows,
-        "skipped": len(before.ids),
-        "errors": int(pc.sum(pc.is_valid(new.column("error"))).as_py() or 0) if new.num_rows else 0,
-        "image_tokens_kept_mean": float(pc.mean(ok.column("image_tokens_kept")).as_py() or 0) if ok.num_rows else None,
-        "flops_saved_pct": round(100 * (1 - total("flops_total") / unpruned), 2) if unpruned else None,
-        "rows_per_second": round(new.num_rows / wall, 3) if wall > 0 else None,
+        "rows": t.rows,
+        "errors": t.errors,
+        "processed": t.processed,
+        "errors_this_run": t.errors_this_run,
+        "retried": done.retried,
+        "skipped": done.in_scope(cfg.limit),
+        "repeated_ids": t.repeated_ids,
+        "image_tokens_kept_mean": round(t.kept_sum / t.ok, 3) if t.ok else None,
+        "flops_saved_pct": round(100 * (1 - t.flops / t.flops_unpruned), 2) if t.flops_unpruned else None,
+        "rows_per_second": round(t.processed / wall, 3) if wall > 0 else None,
         "wall_seconds": round(wall, 2),
-        "moved_aside": before.moved_aside + after.moved_aside,
-        "config": {k: v for k, v in asdict(cfg).items()},
+        "run": manifest["runs"],
+        "limit": cfg.limit,
+        "moved_aside": done.moved_aside,
+        "foreign_files": foreign,
+        "config": manifest["config"],
     }
-    fs, root = resume._fs(cfg.output)
-    with fs.open_output_stream(posixpath.join(root, SUMMARY)) as f:
-        f.write(json.dumps(summary, indent=1).encode())
+    folder.write_json(out_.SUMMARY, summary)
+    if t.repeated_ids:
+        print(f"warning: {t.repeated_ids} rows repeat another row's id ({cfg.id_column or 'id'}); each input row "
+              f"still has its own output row (column input_row)", file=sys.stderr)
+    if t.duplicate_rows:
+        print(f"warning: {t.duplicate_rows} input rows have more than one output row in {cfg.output}",
+              file=sys.stderr)
     return summary
-
-
-def _clear(output: str) -> None:
-    """--no-resume: start over, removing what an earlier run wrote."""
-    fs, root = resume._fs(output)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return
-    for info in fs.get_file_info(pafs.FileSelector(root)):
-        if info.base_name.endswith(".parquet") or info.base_name == SUMMARY:
-            fs.delete_file(info.path)

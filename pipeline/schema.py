@@ -4,13 +4,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()),
+    ("id", pa.string()),  # the input's id column, else a hash of image and question; may repeat
+    ("input_row", pa.int64()),  # the input row's position (0-based, in read order): what resume tracks
     ("question", pa.string()),  # as given; the default prompt where the input had none
     ("answer", pa.string()),  # null on error
     ("error", pa.string()),  # null on success
     ("model", pa.string()),
     ("method", pa.string()),
-    ("keep", pa.int32()),
+    ("keep", pa.int32()),  # the budget applied to this row (never more than its image tokens); null unpruned
     ("prune_layer", pa.int32()),
     ("image_tokens", pa.int32()),
     ("image_tokens_kept", pa.int32()),

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -18,12 +19,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pruner import Preprocessor, PrunedVLM
+from pruner.vlm import Generation
 from pruner.models import Prepared
 
+from .config import DEFAULT_QUESTION, JobConfig
 from .images import BadImage, decode, image_bytes
+from .output import first_line
 from .schema import ERROR, OUTPUT_COLUMNS, PREPARED, output_table
-
-DEFAULT_QUESTION = "Describe the image briefly."
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,36 @@ class Columns:
     question: str | None  # None: every row gets the default question
     id: str | None  # None: ids are a hash of image and question
     default_question: str = DEFAULT_QUESTION
+
+
+class Numberer:
+    """Gives each input row its position (`input_row`) and drops the rows already done.
+
+    Ray Data has no row index, so one actor counts rows as blocks arrive; the job runs with
+    `preserve_order`, and one caller's tasks run on one actor in submission order, so the
+    count is the row's position in read order, the same on every run over the same input.
+    An actor that Ray restarted (its node was lost) would count from 0 again, so it refuses
+    to work: the job fails, and a rerun resumes, rather than misnumber rows."""
+
+    def __init__(self, done: Any):
+        import ray
+
+        self.done = ray.get(done) if isinstance(done, ray.ObjectRef) else done  # bool [rows done so far]
+        self.next = 0
+        self.restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.restarted:
+            raise RuntimeError("the row-numbering actor was restarted and cannot know the rows' positions; "
+                               "rerun the job to resume")
+        n = batch.num_rows
+        rows = np.arange(self.next, self.next + n, dtype=np.int64)
+        self.next += n
+        batch = _set(batch, "input_row", pa.array(rows))
+        inside = rows < len(self.done)
+        skip = np.zeros(n, bool)
+        skip[inside] = self.done[rows[inside]]
+        return batch.filter(pa.array(~skip)) if skip.any() else batch
 
 
 def assign_ids(batch: pa.Table, cols: Columns) -> pa.Table:
@@ -78,7 +110,9 @@ def _preprocessor(model_path: str) -> Preprocessor:
 
 
 def prepare(batch: pa.Table, cols: Columns, model_path: str, base_dir: str | None, max_pixels: int) -> pa.Table:
-    """Decode images and run the processor (CPU). Adds `_prepared` and `_error`, drops the image."""
+    """Ids and questions, then decode images and run the processor (CPU). Adds `_prepared` and
+    `_error`, drops the image."""
+    batch = assign_ids(batch, cols)
     preprocessor = _preprocessor(model_path)
     prepared, errors = [], []
     for cell, question in zip(batch.column(cols.image).to_pylist(), batch.column("question").to_pylist()):
@@ -88,10 +122,10 @@ def prepare(batch: pa.Table, cols: Columns, model_path: str, base_dir: str | Non
             errors.append(None)
         except (BadImage, ValueError) as e:
             prepared.append(None)
-            errors.append(str(e).splitlines()[0])
+            errors.append(first_line(e))
         except Exception as e:  # never fail the batch for one row
             prepared.append(None)
-            errors.append(f"preprocessing failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            errors.append(f"preprocessing failed: {type(e).__name__}: {first_line(e)}")
     batch = batch.drop_columns([cols.image])
     batch = _set(batch, PREPARED, pa.array(prepared, pa.binary()))
     return _set(batch, ERROR, pa.array(errors, pa.string()))
@@ -111,70 +145,59 @@ def deserialize(data: bytes) -> Prepared:
 class Answerer:
     """A model actor: loads one PrunedVLM, answers batches of prepared rows."""
 
-    def __init__(self, model_path: str, model_name: str, method: str, keep: int | None, rate: float | None,
-                 prune_layer: int, max_new_tokens: int, method_params: dict | None = None,
-                 threads: int | None = None):
+    def __init__(self, cfg: JobConfig, threads: int | None = None):
         if threads is not None:  # Ray pins OMP_NUM_THREADS to the actor's reserved CPUs
             torch.set_num_threads(threads)
-        self.vlm = PrunedVLM.from_pretrained(model_path, method=method, keep=keep, rate=rate,
-                                             prune_layer=prune_layer, **(method_params or {}))
-        self.static = {"model": model_name, "method": method, "prune_layer": prune_layer,
-                       "keep": keep if keep is not None else None}
-        self.max_new_tokens = max_new_tokens
+        self.vlm = PrunedVLM.from_pretrained(cfg.model, method=cfg.method, keep=cfg.keep, rate=cfg.rate,
+                                             prune_layer=cfg.prune_layer, **cfg.method_params)
+        self.cfg = cfg
+        self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+        self.prunes = self.vlm.method.stage != "none"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
-        n = batch.num_rows
         errors = batch.column(ERROR).to_pylist()
         blobs = batch.column(PREPARED).to_pylist()
-        todo = [i for i in range(n) if errors[i] is None]
-        results: dict[int, Any] = self._generate(todo, blobs)
-        seconds = (time.perf_counter() - start) / max(n, 1)
-        rows: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
-        for i in range(n):
-            out = results.get(i)
-            error = errors[i] if errors[i] is not None else (out if isinstance(out, str) else None)
-            gen = None if error is not None else out
-            for name in OUTPUT_COLUMNS:
-                rows[name].append(self._cell(name, gen, error, seconds))
-        rows["id"] = batch.column("id").to_pylist()
-        rows["question"] = batch.column("question").to_pylist()
+        results = self._generate([i for i, e in enumerate(errors) if e is None], blobs)
+        seconds = (time.perf_counter() - start) / max(batch.num_rows, 1)
+        rows = [self._row(results.get(i, errors[i]), seconds) for i in range(batch.num_rows)]
+        columns = {name: [r.get(name) for r in rows] for name in OUTPUT_COLUMNS}
+        for name in ("id", "input_row", "question"):
+            columns[name] = batch.column(name).to_pylist()
         passthrough = batch.drop_columns([c for c in (PREPARED, ERROR) if c in batch.column_names])
-        return output_table(rows, passthrough)
+        return output_table(columns, passthrough)
 
-    def _generate(self, todo: list[int], blobs: list[bytes]) -> dict[int, Any]:
+    def _row(self, result: Generation | str, seconds: float) -> dict[str, Any]:
+        """The output columns of one row: a generation, or the reason there is none."""
+        row = {"model": self.cfg.model_name, "method": self.cfg.method, "prune_layer": self.cfg.prune_layer,
+               "seconds": seconds}
+        if isinstance(result, str):
+            return {**row, "error": result}
+        f = result.flops
+        return {**row, "answer": result.text,
+                "keep": result.image_tokens_kept if self.prunes else None,  # the budget applied, truthfully
+                "image_tokens": result.image_tokens, "image_tokens_kept": result.image_tokens_kept,
+                "prompt_tokens": result.prompt_tokens, "prompt_tokens_kept": result.prompt_tokens_kept,
+                "generated_tokens": result.generated_tokens,
+                **({} if f is None else {"flops_vision": f.flops_vision, "flops_prefill": f.flops_prefill,
+                                         "flops_decode": f.flops_decode, "flops_total": f.flops_total,
+                                         "flops_total_unpruned": f.flops_total_unpruned})}
+
+    def _generate(self, todo: list[int], blobs: list[bytes]) -> dict[int, Generation | str]:
         """Generations by row; a row whose generation failed maps to its error message.
         The batch runs as one; if that fails, each row runs alone so one bad row cannot
         take the others with it."""
         if not todo:
             return {}
         samples = [deserialize(blobs[i]) for i in todo]
+        generate = self.vlm.generate_prepared
         try:
-            return dict(zip(todo, self.vlm.generate_prepared(samples, self.max_new_tokens)))
+            return dict(zip(todo, generate(samples, self.cfg.max_new_tokens, **self.sampling)))
         except Exception:
-            out: dict[int, Any] = {}
+            out: dict[int, Generation | str] = {}
             for i, s in zip(todo, samples):
                 try:
-                    out[i] = self.vlm.generate_prepared([s], self.max_new_tokens)[0]
+                    out[i] = generate([s], self.cfg.max_new_tokens, **self.sampling)[0]
                 except Exception as e:
-                    out[i] = f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    out[i] = f"generation failed: {type(e).__name__}: {first_line(e)}"
             return out
-
-    def _cell(self, name: str, gen: Any, error: str | None, seconds: float) -> Any:
-        if name in self.static:
-            if name == "keep" and self.static["keep"] is None and gen is not None:
-                return gen.image_tokens_kept  # rate= budgets: the row's own k
-            return self.static[name]
-        if name == "error":
-            return error
-        if name == "seconds":
-            return seconds
-        if gen is None:
-            return None
-        if name == "answer":
-            return gen.text
-        if name.startswith("flops_"):
-            flops = gen.flops
-            value = flops.get(name) if isinstance(flops, dict) else getattr(flops, name, None)
-            return None if value is None else int(value)
-        return getattr(gen, name, None)

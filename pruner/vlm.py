@@ -72,7 +72,7 @@ class PrunedVLM:
         self.preprocessor = Preprocessor(processor, type(self.adapter))
         self.method = get_method(method)
         self.method.check_params(method_params)
-        self.keep, self.rate = _budget(self.method.stage, keep, rate)
+        self.keep, self.rate = budget(self.method.stage, keep, rate)
         num_layers = len(self.adapter.layers)
         if self.method.stage == "layer" and not (isinstance(prune_layer, int) and 1 <= prune_layer < num_layers):
             raise ValueError(f"prune_layer must be an int in [1, {num_layers - 1}] for this "
@@ -95,7 +95,7 @@ class PrunedVLM:
                         **method_params: Any) -> PrunedVLM:
         """Load weights (safetensors only, no remote code) and the checkpoint's processor."""
         get_method(method).check_params(method_params)  # fail before loading weights
-        _budget(get_method(method).stage, keep, rate)
+        budget(get_method(method).stage, keep, rate)
         config = AutoConfig.from_pretrained(path)
         adapter = adapter_class(config.model_type)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -159,7 +159,7 @@ class PrunedVLM:
         ]
 
 
-def _budget(stage: str, keep: int | None, rate: float | None) -> tuple[int | None, float | None]:
+def budget(stage: str, keep: int | None, rate: float | None) -> tuple[int | None, float | None]:
     """Validate keep / rate; default keep when neither is given."""
     if keep is not None and rate is not None:
         raise ValueError("give keep or rate, not both")

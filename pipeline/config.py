@@ -1,0 +1,241 @@
+"""The job's configuration: one frozen object, its defaults resolved and checked once, and the
+command-line flags that build it (shared by `jobs/caption.py` and `jobs/compare.py`).
+
+Fields split in two. `ANSWER_FIELDS` decide what the answers are (model, method, budget,
+prompt, columns, ...): they are written to the output folder's manifest, and a rerun with
+other values is refused. The rest only decide how the job runs (batch size, actors, limit,
+...) and may change from one run to the next.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import posixpath
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pruner.methods import METHODS, get_method
+from pruner.models import adapter_class
+from pruner.vlm import budget
+
+from .demo import EVAL_PARQUET, MODEL_DIR
+from .images import DEFAULT_MAX_PIXELS
+
+DEFAULT_QUESTION = "Describe the image briefly."
+
+ANSWER_FIELDS = ("input", "split", "model", "method", "keep", "rate", "prune_layer", "method_params",
+                 "max_new_tokens", "temperature", "top_p", "seed", "question", "image_column",
+                 "question_column", "id_column", "max_image_pixels")
+
+
+class JobError(ValueError):
+    """Bad arguments: reported as one line, exit status 2, before any work starts."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    # what determines the answers (the manifest)
+    input: str = str(EVAL_PARQUET)
+    model: str | None = None  # a checkpoint path or hub name; None: the bundled demo model
+    method: str = "vlm-pruner"
+    keep: int | None = None  # image tokens kept per image; None with rate None: pruner's default (64)
+    rate: float | None = None  # fraction of each image's tokens pruned
+    prune_layer: int = 2  # K: prune after layer K-1
+    method_params: dict = field(default_factory=dict)
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    question: str = DEFAULT_QUESTION  # for rows without one
+    split: str | None = None
+    image_column: str | None = None
+    question_column: str | None = None
+    id_column: str | None = None
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    # how it runs
+    output: str = "out/caption"
+    batch_size: int = 8
+    concurrency: int = 1
+    num_gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    threads_per_actor: int | None = None  # torch threads of a CPU actor; None: the node's CPUs / concurrency
+    limit: int | None = None  # only the first N input rows
+    rows_per_file: int = 512
+    overwrite: bool = False  # start over when the output folder holds another configuration
+    retry_errors: bool = True  # rerun rows that ended in error
+
+    def __post_init__(self) -> None:
+        """Resolve defaults and check every field; raises JobError with a one-line reason."""
+        set_ = functools.partial(object.__setattr__, self)
+        try:
+            method = get_method(self.method)
+            method.check_params(dict(self.method_params))
+        except ValueError as e:
+            raise JobError(str(e)) from None
+        if self.keep is not None and self.rate is not None:
+            raise JobError("give --keep or --rate, not both")
+        if method.stage == "none":
+            if self.keep is not None or self.rate is not None:
+                raise JobError("--keep / --rate have no effect with --method none")
+        else:
+            try:
+                keep, rate = budget(method.stage, self.keep, self.rate)
+            except ValueError as e:
+                raise JobError(f"--{e}") from None
+            set_("keep", keep)
+            set_("rate", rate)
+        for name in ("batch_size", "max_new_tokens", "concurrency", "max_image_pixels", "rows_per_file"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("threads_per_actor", "limit"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+            raise JobError(f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
+        if not self.temperature >= 0:
+            raise JobError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise JobError(f"--top-p must be in (0, 1], got {self.top_p}")
+        set_("method_params", dict(self.method_params))
+        set_("model", local_path(self.model) if self.model else str(MODEL_DIR))
+        set_("input", local_path(self.input))
+        set_("output", local_path(self.output))
+        layers = model_layers(self.model)
+        if method.stage == "layer" and not 1 <= self.prune_layer < layers:
+            raise JobError(f"--prune-layer must be in [1, {layers - 1}] for this {layers}-layer model, "
+                           f"got {self.prune_layer}")
+
+    @property
+    def model_name(self) -> str:
+        """What the output's `model` column says: "demo" for the bundled model."""
+        return "demo" if self.model == str(MODEL_DIR) else self.model
+
+    def answer_config(self) -> dict[str, Any]:
+        """The fields that decide the answers, as JSON-able values (the manifest's config)."""
+        return {name: getattr(self, name) for name in ANSWER_FIELDS}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise JobError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
+
+
+def local_path(uri: str) -> str:
+    """Local paths absolute (so that reruns from another directory compare equal); URIs and
+    hub names as given."""
+    if "://" in uri or not (os.path.exists(uri) or "/" in uri or uri.endswith(".parquet")):
+        return uri
+    return os.path.abspath(uri)
+
+
+@functools.lru_cache(maxsize=16)
+def model_layers(model: str) -> int:
+    """The checkpoint's LLM depth; raises JobError when the checkpoint cannot be used."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+        adapter_class(config.model_type)
+    except ValueError as e:
+        raise JobError(str(e).splitlines()[0]) from None
+    except OSError as e:
+        raise JobError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+    return config.get_text_config().num_hidden_layers
+
+
+def model_fingerprint(model: str) -> str | None:
+    """A digest of the checkpoint's files, so that a changed checkpoint at the same path is a
+    different configuration. Small files (configs, tokenizer, processor) are hashed whole;
+    weight files above 64 MiB by their size, their first and last 8 MiB and the safetensors
+    header, which lists every tensor, so that hashing a 15 GB checkpoint takes well under a
+    second. A hub name is fingerprinted by its cached snapshot's revision, None when absent."""
+    if not os.path.isdir(model):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return "hub:" + Path(snapshot_download(model, local_files_only=True)).name
+        except Exception:
+            return None
+    h = hashlib.sha256()
+    for path in sorted(Path(model).rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(model).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 64 << 20:
+                h.update(f.read())
+                continue
+            h.update(f.read(8 << 20))
+            f.seek(size - (8 << 20))
+            h.update(f.read())
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _flags() -> list[tuple[str, dict]]:
+    """(field, argparse keywords) of every job flag, defined once for both command lines."""
+    d = JobConfig.__dataclass_fields__
+    default = {name: f.default for name, f in d.items()}
+    return [
+        ("input", dict(help="Parquet file, directory or glob (local or s3://...), a datasets.save_to_disk "
+                            "directory, a Hugging Face dataset name, or a folder of images (default: demo eval split)")),
+        ("split", dict(help="split of a Hugging Face dataset or DatasetDict")),
+        ("output", dict(help=f"output directory (default: {default['output']})")),
+        ("model", dict(help="checkpoint path or name (default: the bundled demo model)")),
+        ("method", dict(choices=list(METHODS), help=f"default: {default['method']}")),
+        ("keep", dict(type=int, help="image tokens kept per image (default 64)")),
+        ("rate", dict(type=float, help="fraction of image tokens pruned, per image")),
+        ("prune_layer", dict(type=int, help=f"K: prune after layer K-1 (default: {default['prune_layer']})")),
+        ("max_new_tokens", dict(type=int, help=f"default: {default['max_new_tokens']}")),
+        ("temperature", dict(type=float, help="sampling temperature; 0 is greedy (default)")),
+        ("top_p", dict(type=float, help="nucleus sampling mass (default: 1.0)")),
+        ("seed", dict(type=int, help="sampling seed")),
+        ("question", dict(help=f"prompt for rows without a question (default: {DEFAULT_QUESTION!r})")),
+        ("image_column", dict(help="default: 'image' ('bytes' for a folder of images)")),
+        ("question_column", dict(help="default: 'question' when the input has it")),
+        ("id_column", dict(help="row id copied to the output; default: the input's 'id' column, else a hash "
+                                "of image and question (ids may repeat: rows are tracked by position)")),
+        ("max_image_pixels", dict(type=int, help=f"larger images become error rows "
+                                                 f"(default: {default['max_image_pixels']:,})")),
+        ("batch_size", dict(type=int, help=f"default: {default['batch_size']}")),
+        ("concurrency", dict(type=int, help="model actors (default: 1)")),
+        ("num_gpus_per_actor", dict(type=float, help="default: 1 when the cluster has GPUs, else 0 (CPU)")),
+        ("threads_per_actor", dict(type=int, help="torch threads of a CPU model actor "
+                                                  "(default: the node's CPUs / --concurrency)")),
+        ("limit", dict(type=int, help="only the first N input rows")),
+        ("rows_per_file", dict(type=int, help=f"rows buffered per output file; a kill loses at most these "
+                                              f"(default: {default['rows_per_file']})")),
+        ("overwrite", dict(action="store_true", help="start over: delete this job's earlier output in --output "
+                                                     "(never other files), also when its configuration differs")),
+        ("retry_errors", dict(action=argparse.BooleanOptionalAction, help="rerun rows that ended in error "
+                                                                          "(default: on)")),
+    ]
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add the job's flags (all but `skip`); defaults stay None so JobConfig's own apply."""
+    for name, kw in _flags():
+        if name not in skip:
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
+
+
+def job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The JobConfig fields given on the command line."""
+    names = {f.name for f in fields(JobConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def config_json(cfg: JobConfig) -> str:
+    return json.dumps(cfg.answer_config(), sort_keys=True)
+
+
+def same_place(a: str, b: str) -> bool:
+    return posixpath.normpath(a) == posixpath.normpath(b)
