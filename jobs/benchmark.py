@@ -707,7 +707,6 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
     itself and its model is loaded before the clock starts; the job's time is its pipeline's
     (actor start-up and model load included, Ray's own start not)."""
     import io
-    import shutil
 
     import pyarrow.parquet as pq
     import ray
@@ -725,8 +724,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
         images = [Image.open(io.BytesIO(r["image"])) for r in chunk]
         vlm.generate(images, [r["question"] for r in chunk], max_new_tokens=args.max_new_tokens)
     loop = len(rows) / (time.perf_counter() - start)
-    shutil.rmtree(args.output, ignore_errors=True)
-    cfg = JobConfig(output=args.output, limit=len(rows), batch_size=args.batch_size,
+    cfg = JobConfig(output=args.output, limit=len(rows), batch_size=args.batch_size, overwrite=True,
                     max_new_tokens=args.max_new_tokens, threads_per_actor=args.threads_per_actor)
     job = run(cfg)
     result = {"rows": len(rows), "batch_size": args.batch_size, "loop_rows_per_second": round(loop, 3),

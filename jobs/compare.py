@@ -8,8 +8,9 @@ Ray pipeline as jobs/caption.py, and writes a report to --output: report.md, rep
     python jobs/compare.py --input s3://bucket/sample/ --model llava-hf/llava-1.5-7b-hf \\
         --answer-column label --methods vlm-pruner,dart --keeps 128,64 --gpu-hour-price 2.5
 
-Re-running with the same --output reuses the settings already done (each is a resumable job
-in OUTPUT/runs/<setting>/).
+Re-running with the same --output reuses the settings already done (each is a job in
+OUTPUT/runs/<setting>/): one that covers fewer rows is extended, one whose configuration
+changed is run again. Every figure is over the same rows in every setting.
 """
 from __future__ import annotations
 
@@ -22,17 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.compare import (DEFAULT_ANSWER_COLUMN, DEFAULT_GROUP_COLUMN, DEFAULT_KEEPS,  # noqa: E402
                               DEFAULT_METHODS, CompareConfig, compare, parse_list)
-from pipeline.job import JobConfig, JobError  # noqa: E402
+from pipeline.config import JobConfig, JobError, add_job_arguments, job_kwargs  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> CompareConfig:
-    d, j = CompareConfig(), JobConfig()
+    d = CompareConfig
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default=d.input,
-                   help="as in jobs/caption.py: Parquet, datasets directory, Hugging Face name or image folder "
-                        "(default: demo eval split)")
-    p.add_argument("--split", help="split of a Hugging Face dataset or DatasetDict")
-    p.add_argument("--model", help="checkpoint path or name (default: the bundled demo model)")
     p.add_argument("--output", default=d.output, help="report directory (default: %(default)s)")
     p.add_argument("--limit", type=int, default=d.limit, help="first N input rows (default: %(default)s)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -47,24 +43,14 @@ def parse(argv: list[str] | None = None) -> CompareConfig:
                    help="$ per hour of one model replica's device, for the projected cost (default: %(default)s)")
     p.add_argument("--max-quality-drop", type=float, default=d.max_quality_drop,
                    help="points of quality the recommendation may lose against unpruned (default: %(default)s)")
-    p.add_argument("--prune-layer", type=int, default=j.prune_layer, help="K: prune after layer K-1")
-    p.add_argument("--batch-size", type=int, default=j.batch_size)
-    p.add_argument("--max-new-tokens", type=int, default=j.max_new_tokens)
-    p.add_argument("--image-column", help="default: 'image' ('bytes' for a folder of images)")
-    p.add_argument("--question-column", help="default: 'question' when the input has it")
-    p.add_argument("--id-column", help="stable row id; default: the input's 'id' column, else a content hash")
-    p.add_argument("--concurrency", type=int, default=j.concurrency, help="model actors")
-    p.add_argument("--num-gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0 (CPU)")
+    add_job_arguments(p, skip=("output", "limit", "method", "keep", "rate", "overwrite"))
     a = p.parse_args(argv)
-    job = JobConfig(prune_layer=a.prune_layer, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                    split=a.split, image_column=a.image_column, question_column=a.question_column,
-                    id_column=a.id_column, concurrency=a.concurrency, num_gpus_per_actor=a.num_gpus_per_actor)
+    given = job_kwargs(a)
+    top = {k: given.pop(k) for k in ("input", "model") if k in given}
     return CompareConfig(
-        input=a.input, output=a.output, model=a.model, limit=a.limit,
-        methods=parse_list(a.methods, "--methods"), keeps=parse_list(a.keeps, "--keeps", int),
-        answer_column=a.answer_column, group_column=a.group_column, gpu_hour_price=a.gpu_hour_price,
-        max_quality_drop=a.max_quality_drop, job=job,
-    )
+        output=a.output, limit=a.limit, methods=parse_list(a.methods, "--methods"),
+        keeps=parse_list(a.keeps, "--keeps", int), answer_column=a.answer_column, group_column=a.group_column,
+        gpu_hour_price=a.gpu_hour_price, max_quality_drop=a.max_quality_drop, job=JobConfig(**given), **top)
 
 
 def main(argv: list[str] | None = None) -> int:

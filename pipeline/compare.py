@@ -1,8 +1,10 @@
 """Cost and quality of pruning methods and budgets on a sample, through the real job.
 
 Every setting (unpruned once, then each method x keep) is one `pipeline.job.run` over the
-first `limit` rows into `OUTPUT/runs/<setting>/`; the job's resume makes a rerun skip
-finished settings. Every figure of the report is computed from those per-row outputs:
+first `limit` rows into `OUTPUT/runs/<setting>/`. A rerun reuses a setting whose stored run
+covers those rows with the same configuration, extends one that covers fewer, and reruns
+one whose configuration changed. Every figure of the report comes from the per-row outputs
+of the same rows in every setting (the first `limit` input rows that all settings have):
 
 * quality: accuracy against a ground-truth column (normalized exact match) and agreement
   with the unpruned answers (the same match), in %;
@@ -28,15 +30,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pruner.flops import LLMShape, full_layers
 from pruner.methods import METHODS, get_method
 
-from . import job, resume
+from . import job
+from .config import JobConfig, JobError
 from .demo import EVAL_PARQUET, MODEL_DIR
-from .job import JobConfig, JobError
+from .output import SUMMARY
 
 DEFAULT_METHODS = ("vlm-pruner", "fastv", "dart", "divprune")
 DEFAULT_KEEPS = (192, 128, 64)
@@ -44,9 +48,6 @@ DEFAULT_ANSWER_COLUMN = "answer_gt"  # used when the input has it and --answer-c
 DEFAULT_GROUP_COLUMN = "question_type"
 REFERENCE = "none"
 TIMING = "_compare.json"  # per setting: the end-to-end timing of the run that did all its rows
-# JobConfig fields that change the answers: a stored run made with other values cannot be reused
-SAME_FOR_REUSE = ("input", "split", "method", "keep", "prune_layer", "max_new_tokens", "question",
-                  "image_column", "question_column", "id_column", "max_image_pixels")
 
 
 @dataclass
@@ -129,18 +130,7 @@ def settings(cfg: CompareConfig) -> list[Setting]:
 
 def job_config(cfg: CompareConfig, s: Setting) -> JobConfig:
     return replace(cfg.job, input=cfg.input, model=cfg.model, method=s.method, keep=s.keep, rate=None,
-                   limit=cfg.limit, resume=True, output=posixpath.join(cfg.output, "runs", s.name))
-
-
-def image_tokens(model_path: str) -> int | None:
-    """Image tokens per image where the model has a fixed number (LLaVA-1.5), else None."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    if config.model_type != "llava":
-        return None
-    v = config.vision_config
-    return (v.image_size // v.patch_size) ** 2
+                   limit=cfg.limit, overwrite=False, output=posixpath.join(cfg.output, "runs", s.name))
 
 
 def check(cfg: CompareConfig) -> tuple[list[Setting], list[str] | None]:
@@ -159,19 +149,14 @@ def check(cfg: CompareConfig) -> tuple[list[Setting], list[str] | None]:
             get_method(m)
         except ValueError as e:
             raise JobError(f"--methods: {e}") from None
-    chosen = settings(cfg)
-    job.check(job_config(cfg, chosen[0]))  # the model, batch sizes ...
-    n = image_tokens(cfg.model or str(MODEL_DIR))
     for k in cfg.keeps:
-        if isinstance(k, bool) or k < 1 or (n is not None and k >= n):
-            allowed = f"in [1, {n - 1}] (this model has {n} image tokens per image)" if n else ">= 1"
-            raise JobError(f"--keeps {k} is out of range: keep must be {allowed}")
-    for s in chosen[1:]:
-        job.check(job_config(cfg, s))  # the prune layer for the methods that run in the LLM
+        if isinstance(k, bool) or k < 1:  # a keep above a sample's image tokens applies all (the row says so)
+            raise JobError(f"--keeps {k} is out of range: keep must be >= 1")
+    chosen = settings(cfg)
+    for s in chosen:
+        job_config(cfg, s)  # each setting's configuration checks itself as it is made
     names = input_columns(cfg.input)
     resolve_columns(cfg, names)
-    for s in chosen:
-        stale(cfg, s)
     return chosen, names
 
 
@@ -208,29 +193,6 @@ def resolve_columns(cfg: CompareConfig, names: list[str] | None) -> tuple[str | 
     return chosen[0], chosen[1]
 
 
-def stale(cfg: CompareConfig, s: Setting) -> None:
-    """A run already in the output directory must have been made with the same answer-changing
-    arguments, or its rows cannot be reused."""
-    path = Path(job_config(cfg, s).output) / job.SUMMARY
-    if not path.exists():
-        return
-    stored, now = json.loads(path.read_text())["config"], job_config(cfg, s)
-    if (stored.get("model") or str(MODEL_DIR)) != now.model_path:
-        raise JobError(f"{path.parent} was made with model {stored.get('model') or 'demo'}, not "
-                       f"{now.model_name}; use another --output")
-    for name in SAME_FOR_REUSE:
-        if _same(stored.get(name)) != _same(getattr(now, name)):
-            raise JobError(f"{path.parent} was made with {name} = {stored.get(name)!r}, not "
-                           f"{getattr(now, name)!r}; use another --output")
-
-
-def _same(value):
-    """Local paths compare absolute."""
-    if isinstance(value, str) and "://" not in value and os.path.exists(value):
-        return os.path.abspath(value)
-    return value
-
-
 # ---------------------------------------------------------------------- runs
 
 
@@ -241,14 +203,18 @@ def run_all(cfg: CompareConfig, chosen: list[Setting], log=print) -> dict[str, s
     what = {}
     for i, s in enumerate(chosen, 1):
         jc = job_config(cfg, s)
-        summary = _read_json(Path(jc.output) / job.SUMMARY)
-        if finished(summary, cfg.limit):
+        diff = job.changed(jc)
+        summary = _read_json(Path(jc.output) / SUMMARY)
+        if not diff and covers(summary, cfg.limit):
             log(f"[{i}/{len(chosen)}] {s.label}: reused ({summary['rows']} rows in {jc.output})")
             what[s.name] = "reused"
             continue
+        if diff:
+            log(f"[{i}/{len(chosen)}] {s.label}: configuration changed ({'; '.join(diff)}): starting over")
+            jc = replace(jc, overwrite=True)
         if not ray.is_initialized():
             ray.init(logging_level="ERROR", log_to_driver=False)
-        log(f"[{i}/{len(chosen)}] {s.label}: running {cfg.limit} rows ...")
+        log(f"[{i}/{len(chosen)}] {s.label}: running the first {cfg.limit} rows ...")
         summary = job.run(jc)
         timing = Path(jc.output, TIMING)
         if summary["processed"] == summary["rows"] and summary["skipped"] == 0:  # one run did every row
@@ -264,13 +230,13 @@ def run_all(cfg: CompareConfig, chosen: list[Setting], log=print) -> dict[str, s
     return what
 
 
-def finished(summary: dict | None, limit: int) -> bool:
+def covers(summary: dict | None, limit: int) -> bool:
     """A summary is written when a run has done all of its first `limit` rows (fewer where the
     input has fewer); one from a run with at least this limit needs no rerun."""
     if not summary:
         return False
-    done = summary.get("config", {}).get("limit")
-    return done is None or done >= limit or summary.get("rows", 0) >= limit
+    done = summary.get("limit")
+    return done is None or done >= limit
 
 
 def _read_json(path: Path) -> dict | None:
@@ -280,9 +246,13 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def rows_of(cfg: CompareConfig, s: Setting) -> list[dict]:
-    out = job_config(cfg, s).output
-    return resume.read_rows(out, resume.scan(out).files).to_pylist()
+def rows_of(cfg: CompareConfig, chosen: list[Setting]) -> dict[str, list[dict]]:
+    """Per setting, its rows for the same input rows: the first `limit` that every setting has."""
+    tables = {s.name: job.read_rows(job_config(cfg, s)) for s in chosen}
+    tables = {k: t.filter(pc.less(t.column("input_row"), cfg.limit)) for k, t in tables.items()}
+    common = set.intersection(*(set(t.column("input_row").to_pylist()) for t in tables.values()))
+    return {k: sorted((r for r in t.to_pylist() if r["input_row"] in common), key=lambda r: r["input_row"])
+            for k, t in tables.items()}
 
 
 # ---------------------------------------------------------------------- metrics
@@ -295,11 +265,11 @@ def _pct(num: int, den: int) -> float | None:
 def quality(rows: list[dict], ref: dict[str, str | None], answer: str | None) -> dict:
     """Accuracy (rows with a ground truth) and agreement with the reference (rows in both), in %."""
     gt = [r for r in rows if answer is not None and r.get(answer) is not None]
-    both = [r for r in rows if r["id"] in ref]
+    both = [r for r in rows if r["input_row"] in ref]
     return {
         "rows": len(rows),
         "accuracy_pct": _pct(sum(matches(r["answer"], r[answer]) for r in gt), len(gt)) if answer else None,
-        "agreement_pct": _pct(sum(matches(r["answer"], ref[r["id"]]) for r in both), len(both)),
+        "agreement_pct": _pct(sum(matches(r["answer"], ref[r["input_row"]]) for r in both), len(both)),
     }
 
 
@@ -315,8 +285,8 @@ def metrics(cfg: CompareConfig, chosen: list[Setting], answer: str | None, group
 
     config = AutoConfig.from_pretrained(cfg.model or str(MODEL_DIR))
     k = cfg.job.prune_layer
-    by_setting = {s.name: rows_of(cfg, s) for s in chosen}
-    ref = {r["id"]: r["answer"] for r in by_setting[REFERENCE]}
+    by_setting = rows_of(cfg, chosen)
+    ref = {r["input_row"]: r["answer"] for r in by_setting[REFERENCE]}
     results = []
     for s in chosen:
         rows = by_setting[s.name]
@@ -549,7 +519,8 @@ def write_report(results: list[dict], cfg: CompareConfig, answer: str | None, gr
     ran = sum(v == "ran" for v in what.values())
     timing = _read_json(Path(job_config(cfg, Setting(REFERENCE, None)).output) / TIMING) or {}
     intro = [
-        f"Input: `{cfg.input}` (first {cfg.limit} rows); model: `{cfg.model or 'demo'}`; "
+        f"Input: `{cfg.input}`: {results[0]['rows']} rows, the first {cfg.limit} input rows that every setting "
+        f"has answered (every figure is over these same rows); model: `{cfg.model or 'demo'}`; "
         f"prune layer K = {cfg.job.prune_layer}; max new tokens {cfg.job.max_new_tokens}; "
         f"batch size {cfg.job.batch_size}.",
         f"Quality: {f'accuracy against `{answer}`' if answer else 'agreement with unpruned (no ground-truth column)'}; "
@@ -561,7 +532,7 @@ def write_report(results: list[dict], cfg: CompareConfig, answer: str | None, gr
     ]
     sections_md = ["# Pruning cost and quality report", "\n\n".join(intro),
                    recommendation_text(results, cfg, answer), "## All settings", md_table(head, rows)]
-    sections_html = [f"<h1>Pruning cost and quality report</h1>", *(f"<p>{_inline(p)}</p>" for p in intro),
+    sections_html = ["<h1>Pruning cost and quality report</h1>", *(f"<p>{_inline(p)}</p>" for p in intro),
                      f"<p>{_inline(recommendation_text(results, cfg, answer))}</p>",
                      "<h2>All settings</h2>", html_table(head, rows)]
     if group is not None:
@@ -603,8 +574,7 @@ def compare(cfg: CompareConfig, log=None) -> dict:
     chosen, names = check(cfg)
     what = run_all(cfg, chosen, log)
     if names is None:  # not a Parquet input: the runs' rows carry the input's columns
-        out = job_config(cfg, chosen[0]).output
-        names = resume.read_rows(out, resume.scan(out).files[:1]).column_names
+        names = job.read_rows(job_config(cfg, chosen[0])).column_names
     answer, group = resolve_columns(cfg, names)
     results = metrics(cfg, chosen, answer, group)
     paths = write_report(results, cfg, answer, group, what, time.perf_counter() - start)

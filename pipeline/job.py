@@ -12,6 +12,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
@@ -47,6 +48,24 @@ def differences(stored: dict, now: dict) -> list[str]:
     return [f"{n}: {stored.get(n)!r} -> {now.get(n)!r}" for n in names]
 
 
+def changed(cfg: JobConfig) -> list[str]:
+    """How the configuration stored in cfg.output differs from cfg (empty when it does not, or
+    when the folder holds no job yet)."""
+    stored = out_.Folder(cfg.output).read_json(out_.MANIFEST)
+    if stored is None:
+        return []
+    return differences(stored.get("config", {}), {**cfg.answer_config(), "model_fingerprint": model_fingerprint(cfg.model)})
+
+
+def read_rows(cfg: JobConfig, columns: list[str] | None = None) -> pa.Table:
+    """Every row the job has written to cfg.output (only its own files)."""
+    folder = out_.Folder(cfg.output)
+    manifest = folder.read_json(out_.MANIFEST)
+    files = folder.own_files(manifest["job_id"]) if manifest else []
+    tables = [t for _, t in out_.own_tables(folder, files, columns)]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+
 def open_manifest(folder: out_.Folder, cfg: JobConfig) -> dict:
     """The manifest this run writes under: the stored one when the configuration is the same,
     a new one (new job id) for an empty folder or with --overwrite. Raises JobError when the
@@ -78,29 +97,33 @@ class _Names(FilenameProvider):
 
 def run(cfg: JobConfig) -> dict:
     """Run the job to completion; returns (and writes) the summary. Raises JobError, before
-    any work, for an unusable output folder, one that another run holds, or one that holds
-    another configuration."""
+    any work, for an unusable output folder, one that another run holds, one that holds
+    another configuration, or an input that does not have the columns asked for."""
     folder = out_.Folder(cfg.output)
-    folder.check(cfg.input)
+    folder.check(cfg.input)  # before Ray starts: nothing is written yet
+    out_.Lock(folder).check()
+    if not cfg.overwrite and changed(cfg):
+        open_manifest(folder, cfg)  # raises, naming the fields
+    if not ray.is_initialized():
+        ray.init(logging_level="ERROR", log_to_driver=False)
+    try:
+        source = open_source(cfg.input, cfg.split)
+    except SourceError as e:
+        raise JobError(str(e)) from None
+    cols = columns(cfg, source)
+    folder.create()
     with out_.Lock(folder):
         manifest = open_manifest(folder, cfg)
         done = out_.prepare_resume(folder, manifest["job_id"], cfg.limit, cfg.retry_errors)
         folder.write_json(out_.MANIFEST, manifest)
-        if not ray.is_initialized():
-            ray.init(logging_level="ERROR", log_to_driver=False)
-        try:
-            source = open_source(cfg.input, cfg.split)
-        except SourceError as e:
-            raise JobError(str(e)) from None
-        ds = pipeline(cfg, source, done, out_.file_prefix(manifest["job_id"], manifest["runs"]))
+        prefix = out_.file_prefix(manifest["job_id"], manifest["runs"])
         start = time.perf_counter()
-        ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file,
-                         filename_provider=_Names(out_.file_prefix(manifest["job_id"], manifest["runs"])))
+        pipeline(cfg, source, cols, done).write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file,
+                                                       filename_provider=_Names(prefix))
         return write_summary(folder, cfg, manifest, done, time.perf_counter() - start)
 
 
-def pipeline(cfg: JobConfig, source: Source, done: out_.Done, prefix: str) -> ray.data.Dataset:
-    cols = columns(cfg, source)
+def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> ray.data.Dataset:
     # In order: rows are numbered by position as they pass one actor, and --limit means the first rows.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     gpus = cfg.num_gpus_per_actor

@@ -77,12 +77,20 @@ class Folder:
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.File:
             raise JobError(f"--output {self.uri} is a file, not a folder")
+        if self.local:  # the nearest folder that exists must be one we can write in
+            existing = self.root
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing):
+                raise JobError(f"--output {self.uri} cannot be created: {existing} is a file")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise JobError(f"--output {self.uri} cannot be created or written: {existing} is not writable")
+
+    def create(self) -> None:
         try:
             self.fs.create_dir(self.root, recursive=True)
-            if self.local and not os.access(self.root, os.W_OK):
-                raise PermissionError("not writable")
         except (OSError, pa.ArrowException) as e:
-            raise JobError(f"--output {self.uri} cannot be created or written: {first_line(e)}") from None
+            raise JobError(f"--output {self.uri} cannot be created: {first_line(e)}") from None
 
     def names(self) -> list[str]:
         """Top-level file names."""
@@ -183,6 +191,17 @@ class Lock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def check(self) -> None:
+        """Raise JobError when a live run holds the folder (without taking it)."""
+        hold = self.folder.read_json(LOCK)
+        if hold is not None and _alive(hold):
+            raise JobError(self._held(hold))
+
+    def _held(self, hold: dict) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(hold.get("since", 0))))
+        return (f"{self.folder.uri} is held by a running job: pid {hold.get('pid')} on {hold.get('host')}, "
+                f"since {since}; wait for it, or use another --output")
+
     def acquire(self) -> None:
         for _ in range(3):
             if self._create():
@@ -194,9 +213,7 @@ class Lock:
                 time.sleep(0.2)
                 continue
             if _alive(hold):
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(hold.get("since", 0))))
-                raise JobError(f"{self.folder.uri} is held by a running job: pid {hold.get('pid')} on "
-                               f"{hold.get('host')}, since {since}; wait for it, or use another --output")
+                raise JobError(self._held(hold))
             self._take_over()
         raise JobError(f"{self.folder.uri}: could not take {LOCK}; is another job starting there?")
 
