@@ -283,9 +283,15 @@ class Done:
         return int(self.rows[:limit].sum()) if limit is not None else self.count
 
 
-def own_tables(folder: Folder, files: list[str], columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
+def own_tables(folder: Folder, files: list[str], columns: list[str] | None) -> Iterator[tuple[str, pa.Table]]:
+    """Each readable file's table; one that a live or killed run is still writing is skipped
+    (its rows are not done)."""
     for path in files:
-        yield path, pq.read_table(path, columns=columns, filesystem=folder.fs)
+        try:
+            table = pq.read_table(path, columns=columns, filesystem=folder.fs)
+        except (pa.ArrowException, OSError):
+            continue
+        yield path, table
 
 
 def set_aside_unreadable(folder: Folder, job_id: str) -> list[str]:

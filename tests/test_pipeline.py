@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 import tiny
-from pipeline import resume
-from pipeline.job import JobConfig, JobError, actor_threads, run
+from pipeline.config import JobConfig, JobError
+from pipeline.job import actor_threads, read_rows, run
 from pipeline.schema import OUTPUT_SCHEMA
-from pipeline.stages import Answerer, Columns, assign_ids, prepare
+from pipeline.stages import Answerer, Columns, prepare
 from pruner import PrunedVLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,12 +85,14 @@ def test_a_bad_row_never_fails_its_batch(model_dir, tmp_path):
     rows = good_rows(3) + bad
     table = table_of(rows)
     cols = Columns(image="image", question="question", id="key")
-    staged = prepare(assign_ids(table, cols), cols, model_dir, str(tmp_path), max_pixels=1_000_000)
-    out = Answerer(model_dir, "tiny", "vlm-pruner", 8, None, 2, 4)(staged)
+    table = table.append_column("input_row", pa.array(range(len(rows)), pa.int64()))
+    staged = prepare(table, cols, model_dir, str(tmp_path), max_pixels=1_000_000)
+    out = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4))(staged)
     assert out.num_rows == len(rows)
     assert out.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
     assert out.select(OUTPUT_SCHEMA.names).schema.equals(OUTPUT_SCHEMA)
     assert out.column("label").to_pylist() == [r["label"] for r in rows]  # pass-through, in order
+    assert out.column("input_row").to_pylist() == list(range(len(rows)))
     got = {r["id"]: r for r in out.to_pylist()}
     for r in bad:
         if r["_expect"] is None:
@@ -120,7 +122,8 @@ def job(model_dir: str, **kw) -> JobConfig:
 
 
 def output_rows(out: Path) -> list[dict]:
-    return pq.read_table(out).to_pylist()
+    """The job's own rows in `out` (never another file there)."""
+    return read_rows(JobConfig(output=str(out))).to_pylist()
 
 
 def test_every_source_kind_gives_one_row_per_input_row(local_ray, model_dir, tmp_path):
@@ -169,13 +172,14 @@ def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
     out = tmp_path / "out"
     first = run(job(model_dir, input=str(data), output=str(out), id_column="key", limit=8, max_image_pixels=1_000_000))
     assert (first["rows"], first["processed"], first["skipped"]) == (8, 8, 0)
-    assert [r["key"] for r in output_rows(out)] != []
-    (out / "half-written.parquet").write_bytes(b"PAR1 truncated")  # what a kill can leave
+    job_id = json.loads((out / "_job.json").read_text())["job_id"]
+    half = out / f"labels-{job_id}-r0001-killed-000001.parquet"
+    half.write_bytes(b"PAR1 truncated")  # what a kill can leave
     second = run(job(model_dir, input=str(data), output=str(out), id_column="key", max_image_pixels=1_000_000))
-    assert (second["rows"], second["processed"], second["skipped"]) == (len(rows), len(rows) - 8, 8)
-    assert first["errors"] == 2 and second["errors"] == 5  # this run's error rows
-    assert len(second["moved_aside"]) == 1
-    assert not (out / "half-written.parquet").exists()
+    # the first run's 2 error rows are retried, its 6 good rows skipped
+    assert (second["rows"], second["processed"], second["skipped"], second["retried"]) == (len(rows), len(rows) - 6, 6, 2)
+    assert first["errors"] == 2 and second["errors"] == second["errors_this_run"] == 7
+    assert len(second["moved_aside"]) == 1 and not half.exists()
     got = output_rows(out)
     assert sorted(r["id"] for r in got) == sorted(r["key"] for r in rows)
     expected = {r["key"]: r.get("_expect") for r in rows}
@@ -198,7 +202,7 @@ def test_cpu_actors_use_the_nodes_cores(model_dir):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        Answerer(model_dir, "tiny", "vlm-pruner", 8, None, 2, 4, threads=2)
+        Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4), threads=2)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -210,11 +214,12 @@ def test_cpu_actors_use_the_nodes_cores(model_dir):
 @pytest.mark.parametrize("args, message", [
     (["--input", "/no/such/place.parquet"], "input not found: /no/such/place.parquet"),
     (["--image-column", "picture"], "--image-column 'picture' is not a column of"),
-    (["--keep", "0"], "--keep must be >= 1"),
+    (["--keep", "0"], "--keep must be an int >= 1, got 0"),
     (["--rate", "1.5"], "--rate must be in [0, 1)"),
     (["--prune-layer", "9"], "--prune-layer must be in [1, 3]"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--threads-per-actor", "0"], "--threads-per-actor must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be an int >= 1"),
+    (["--threads-per-actor", "0"], "--threads-per-actor must be an int >= 1"),
+    (["--keep", "8", "--rate", "0.5"], "give --keep or --rate, not both"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(local_ray, model_dir, args, message, capsys, tmp_path):
     sys.path.insert(0, str(ROOT / "jobs"))
@@ -230,7 +235,7 @@ def test_the_command_line_exits_non_zero_with_one_line(model_dir):
     proc = subprocess.run([sys.executable, "jobs/caption.py", "--model", model_dir, "--keep", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["caption.py: error: --keep must be >= 1, got 0"]
+    assert proc.stderr.strip().splitlines() == ["caption.py: error: --keep must be an int >= 1, got 0"]
 
 
 def test_unknown_method_and_unsupported_model_fail_fast(tmp_path):
@@ -261,7 +266,7 @@ def test_sigkill_mid_job_then_rerun_gives_each_row_exactly_once(model_dir, tmp_p
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    written = len(resume.scan(str(out)).ids)
+    written = len(output_rows(out))
     assert 0 < written < 60, written
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=250)
     assert done.returncode == 0, done.stderr[-2000:]
