@@ -16,3 +16,13 @@ def model_dir(tmp_path_factory) -> str:
     model.save_pretrained(path)
     proc.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A 2-CPU local Ray for one test module."""
+    import ray
+
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()

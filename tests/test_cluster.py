@@ -15,7 +15,7 @@ import ray
 import yaml
 
 from pipeline.job import JobConfig, run
-from test_pipeline import good_rows, write_parquet
+from tiny import good_rows, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")

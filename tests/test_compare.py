@@ -106,13 +106,6 @@ def test_command_line_bad_arguments_exit_2_with_one_line(model_dir):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def sample(model_dir, tmp_path_factory) -> Path:
     """Six demo rows; for the first four the ground truth is the tiny model's own unpruned
     answer written otherwise (case, article, full stop), so accuracy is neither 0 nor 100 %."""

@@ -12,11 +12,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 
 import tiny
+from tiny import good_rows, png, table_of, write_parquet
 from pipeline.config import JobConfig, JobError
 from pipeline.job import actor_threads, read_rows, run
 from pipeline.schema import OUTPUT_SCHEMA
@@ -25,17 +25,6 @@ from pruner import PrunedVLM
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
-
-
-def png(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def good_rows(n: int, start: int = 0) -> list[dict]:
-    return [{"key": f"r{start + i}", "image": png(tiny.image(start + i)), "question": tiny.QUESTIONS[i % 5],
-             "label": start + i} for i in range(n)]
 
 
 def bad_rows(tmp_path: Path) -> list[dict]:
@@ -54,27 +43,6 @@ def bad_rows(tmp_path: Path) -> list[dict]:
         ("rgba", rgba, None), ("sixteen", sixteen, None), ("cmyk", cmyk, None),
     ]
     return [{"key": k, "image": v, "question": "what ?", "label": -1, "_expect": e} for k, v, e in rows]
-
-
-IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image feature
-
-
-def image_column(rows: list[dict]) -> pa.Array:
-    """Raw bytes when every row has bytes, else datasets-style {bytes, path} structs."""
-    if all(isinstance(r["image"], bytes) for r in rows):
-        return pa.array([r["image"] for r in rows], pa.binary())
-    return pa.array([None if r["image"] is None else {"bytes": None, "path": r["image"]}
-                     if isinstance(r["image"], str) else {"bytes": r["image"], "path": None} for r in rows],
-                    IMAGE_STRUCT)
-
-
-def table_of(rows: list[dict]) -> pa.Table:
-    return pa.table({"key": [r["key"] for r in rows], "image": image_column(rows),
-                     "question": [r["question"] for r in rows], "label": [r["label"] for r in rows]})
-
-
-def write_parquet(rows: list[dict], path: Path) -> None:
-    pq.write_table(table_of(rows), path)
 
 
 # ---------------------------------------------------------------- stages, without Ray
@@ -108,13 +76,6 @@ def test_a_bad_row_never_fails_its_batch(model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- the job on local Ray
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def job(model_dir: str, **kw) -> JobConfig:

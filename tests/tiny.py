@@ -1,7 +1,12 @@
 """Tiny random-weight VLMs of every supported family, built from configs in-process."""
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -150,3 +155,40 @@ FAMILIES = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwe
 
 QUESTIONS = ["what is the colour ?", "what is the shape of the red circle ?", "w1 w2 w3 w4 w5 ?",
              "left ?", "what is the colour of the blue square on the left ?"]
+
+
+# ---------------------------------------------------------------------- tiny datasets
+
+
+def png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def good_rows(n: int, start: int = 0) -> list[dict]:
+    return [{"key": f"r{start + i}", "image": png(image(start + i)), "question": QUESTIONS[i % 5],
+             "label": start + i} for i in range(n)]
+
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image feature
+
+
+def image_column(rows: list[dict]) -> pa.Array:
+    """Raw bytes when every row has bytes, else datasets-style {bytes, path} structs."""
+    if all(isinstance(r["image"], bytes) for r in rows):
+        return pa.array([r["image"] for r in rows], pa.binary())
+    return pa.array([None if r["image"] is None else {"bytes": None, "path": r["image"]}
+                     if isinstance(r["image"], str) else {"bytes": r["image"], "path": None} for r in rows],
+                    IMAGE_STRUCT)
+
+
+def table_of(rows: list[dict]) -> pa.Table:
+    return pa.table({"key": [r["key"] for r in rows], "image": image_column(rows),
+                     "question": [r["question"] for r in rows], "label": [r["label"] for r in rows]})
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    pq.write_table(table_of(rows), path)
+
+
