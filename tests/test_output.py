@@ -25,8 +25,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def job(model_dir: str, data: Path, out: Path, **kw) -> JobConfig:
-    return JobConfig(model=model_dir, input=str(data), output=str(out), keep=8, max_new_tokens=2, batch_size=4,
-                     **kw)
+    return JobConfig(model=model_dir, input=str(data), output=str(out), **{"keep": 8, "max_new_tokens": 2,
+                                                                          "batch_size": 4, **kw})
 
 
 def rows_of(out: Path) -> list[dict]:
