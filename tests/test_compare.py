@@ -77,7 +77,6 @@ def config(model_dir: str, out: Path, **kw) -> CompareConfig:
 
 @pytest.mark.parametrize("change, message", [
     ({"methods": ("vlm-pruner", "sparsevlm")}, "--methods: unknown method 'sparsevlm'"),
-    ({"keeps": (8, 36)}, "--keeps 36 is out of range: keep must be in [1, 35]"),
     ({"keeps": (0,)}, "--keeps 0 is out of range"),
     ({"answer_column": "label"}, "--answer-column 'label' is not a column of"),
     ({"group_column": "kind"}, "--group-column 'kind' is not a column of"),
@@ -253,6 +252,28 @@ def test_report_figures_recompute_from_rows_and_reruns_reuse_settings(local_ray,
     assert third["ran"] == 1
     assert all(p.stat().st_mtime_ns == t for p, t in files.items() if "divprune-k8" not in str(p))
 
-    # runs made with other answer-changing arguments are never mixed in
-    with pytest.raises(JobError, match="was made with max_new_tokens = 3, not 5"):
-        C.compare(replace(cfg, job=JobConfig(max_new_tokens=5, batch_size=4)))
+    # a smaller limit and a new budget: every setting's figures come from the same first 3 rows
+    small = replace(cfg, limit=3, methods=("vlm-pruner",), keeps=(16, 4))
+    logs.clear()
+    C.compare(small, log=logs.append)
+    assert [line.split(":")[0] for line in logs if "running" in line] == ["[3/3] vlm-pruner keep 4"]
+    res = pq.read_table(out / "results.parquet").to_pylist()
+    assert [r["rows"] for r in res] == [3, 3, 3]
+    assert res[1]["agreement_pct"] == pytest.approx(agreement(out, "vlm-pruner-k16", 3))
+    assert "3 rows, the first 3 input rows that every setting has answered" in (out / "report.md").read_text()
+
+    # a changed configuration: those settings start over, never mixed with the old rows
+    logs.clear()
+    C.compare(replace(small, keeps=(4,), job=JobConfig(max_new_tokens=5, batch_size=4)), log=logs.append)
+    assert sum("configuration changed (max_new_tokens: 3 -> 5): starting over" in line for line in logs) == 2
+    for name in ("none", "vlm-pruner-k4"):
+        rows = pq.read_table(sorted((out / "runs" / name).glob("*.parquet"))).to_pylist()
+        assert len(rows) == 3 and json.loads((out / "runs" / name / "_job.json").read_text())["config"][
+            "max_new_tokens"] == 5
+
+
+def agreement(out: Path, name: str, limit: int) -> float:
+    """Agreement with unpruned (%) over the first `limit` input rows, from the Parquet alone."""
+    ref, rows = ({r["input_row"]: r["answer"] for r in pq.read_table(sorted((out / "runs" / n).glob("*.parquet")))
+                  .to_pylist() if r["input_row"] < limit} for n in ("none", name))
+    return 100 * sum(normalize(a) == normalize(ref[i]) for i, a in rows.items()) / len(rows)
