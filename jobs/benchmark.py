@@ -735,6 +735,26 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
     return result
 
 
+def bench_resume(args: argparse.Namespace) -> dict:
+    """The driver's resume bookkeeping and summary at --rows finished rows (no model), measured
+    in a fresh process so that its peak memory is this work's alone."""
+    import subprocess
+    import tempfile
+
+    from pipeline.scale import write_finished
+
+    folder = args.output or tempfile.mkdtemp(prefix="resume-scale-")
+    start = time.perf_counter()
+    job_id = write_finished(folder, args.rows, args.rows_per_file)
+    print(f"wrote {args.rows:,} finished rows in {time.perf_counter() - start:.0f} s to {folder}", file=sys.stderr)
+    code = f"import json; from pipeline.scale import measure; print(json.dumps(measure({folder!r}, {job_id!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(result, indent=1))
+    return result
+
+
 # ====================================================================== CLI
 
 
@@ -773,6 +793,10 @@ def parser() -> argparse.ArgumentParser:
     sel.add_argument("--repeats", type=int, default=7)
     sel.add_argument("--json", help="also write the rows here")
 
+    res = sub.add_parser("resume", help="driver memory and seconds of resume + summary at N finished rows (no model)")
+    res.add_argument("--rows", type=int, default=10_000_000)
+    res.add_argument("--rows-per-file", type=int, default=65_536)
+    res.add_argument("--output", help="folder for the synthetic output (default: a new temporary folder)")
     pipe = sub.add_parser("pipeline", help="the caption job's rows/s vs a plain PrunedVLM.generate loop (demo data)")
     pipe.add_argument("--rows", type=int, default=400)
     pipe.add_argument("--batch-size", type=int, default=8)
@@ -789,6 +813,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.what == "selection":
         print_selection(args)
+    elif args.what == "resume":
+        bench_resume(args)
     elif args.what == "pipeline":
         bench_pipeline(args)
     else:
