@@ -233,9 +233,9 @@ def run_all(cfg: CompareConfig, chosen: list[Setting], log=print) -> dict[str, s
 def covers(summary: dict | None, limit: int) -> bool:
     """A summary is written when a run has done all of its first `limit` rows (fewer where the
     input has fewer); one from a run with at least this limit needs no rerun."""
-    if not summary:
+    if not summary or "limit" not in summary:
         return False
-    done = summary.get("limit")
+    done = summary["limit"]
     return done is None or done >= limit
 
 
