@@ -83,7 +83,8 @@ def decode_video(data: bytes, num_frames: int = DEFAULT_NUM_FRAMES, max_pixels: 
     n, fps, duration, (width, height) = _count_frames(data, max_pixels, max_seconds)
     indices = sample_indices(n, num_frames)
     frames = _decode_at(data, indices, width, height, max_pixels)
-    note = (f"clip has {n} frames, fewer than the {num_frames} asked: used {n}" if n < num_frames else None)
+    note = (f"clip has {n} frame{'s' * (n > 1)}, fewer than the {num_frames} asked: used {n}"
+            if n < num_frames else None)
     if duration is None and fps:
         duration = n / fps
     return Clip(frames, indices, fps, duration, note)
@@ -123,7 +124,7 @@ def _count_frames(data: bytes, max_pixels: int,
                     else container.duration / av.time_base if container.duration else None)
         if duration is not None and duration > max_seconds:
             raise BadVideo(f"clip is {duration:.1f} s long, above {limit}")
-        n, start = 0, None
+        n, start, last = 0, None, None
         tb = stream.time_base or Fraction(0)
         try:
             for packet in container.demux(stream):
@@ -132,6 +133,7 @@ def _count_frames(data: bytes, max_pixels: int,
                 n += 1
                 if packet.pts is not None and tb:
                     start = packet.pts if start is None else min(start, packet.pts)
+                    last = packet.pts if last is None else max(last, packet.pts)
                     seconds = float((packet.pts - start) * tb)
                 else:
                     seconds = n / fps if fps else 0.0
@@ -139,8 +141,15 @@ def _count_frames(data: bytes, max_pixels: int,
                     raise BadVideo(f"clip runs past {limit}; its header gives no usable duration")
         except av.FFmpegError as e:
             raise BadVideo(f"corrupt or truncated video: {_reason(e)}") from None
+        listed = stream.frames
     if n == 0:
         raise BadVideo("video stream has no frames")
+    if listed and n < listed:
+        raise BadVideo(f"truncated video: {n} of the {listed} frames its header lists")
+    covered = float((last - start) * tb) + 1 / (fps or 25) if last is not None else None
+    if duration and covered is not None and covered < duration / 2:
+        # a gross shortfall only: containers' durations may include other streams or padding
+        raise BadVideo(f"truncated video: frames cover {covered:.2f} s of the {duration:.2f} s its header gives")
     return n, fps, duration, (width, height)
 
 

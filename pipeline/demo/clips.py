@@ -4,8 +4,7 @@ The moving counterpart of `pipeline.demo.scenes` (same shapes, colours and backg
 by its code). Each object moves left, right, up or down at a constant speed, so "which way
 does the red circle move?" needs at least two sampled frames. Everything is derived from a
 seed: the same seed gives the same frames anywhere, and the same MP4 bytes with the same
-PyAV wheel (the encoder is FFmpeg's libx264, single-threaded, with bit-exact muxing; another
-FFmpeg or x264 build may encode the same frames to other bytes).
+PyAV wheel (see `encode_video`; another FFmpeg build may encode the same frames to other bytes).
 
 CLI: ``python -m pipeline.demo.clips --seed 1 --n 40 --out PATH`` (one Parquet file).
 """
@@ -83,15 +82,23 @@ def render_frames(story: Story) -> np.ndarray:
     return frames
 
 
-def encode_mp4(frames: np.ndarray, fps: int = FPS) -> bytes:
-    """H.264 in MP4, in memory. Single-threaded and bit-exact, so the bytes are reproducible."""
+def encode_video(frames: np.ndarray, fps: int = FPS, codec: str = "mpeg4", fmt: str = "mp4") -> bytes:
+    """uint8 [T, H, W, 3] to MPEG-4 Part 2 in MP4 (by default), in memory.
+
+    FFmpeg's own mpeg4 encoder, not libx264: x264 gave bytes that vary with the process's
+    heap state (same frames, same process, other bytes after unrelated allocations), while
+    mpeg4 is reproducible. Bit-exact flags keep FFmpeg's version string out of the bytes.
+    """
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4", options={"fflags": "+bitexact"}) as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "20", "threads": "1"})
+    with av.open(buf, "w", format=fmt, options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream(codec, rate=fps, options={"threads": "1"})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.bit_rate = 400_000  # a cap the flat clips never reach: ~4 KB, colours within a few levels
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        for t, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts = t  # in 1/fps, the stream's codec time base
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return buf.getvalue()
 
@@ -133,7 +140,7 @@ def generate(seed: int, n: int, types: tuple[str, ...] = QUESTION_TYPES, max_obj
     return [
         {
             "id": f"clip-{seed}-{i:05d}",
-            "video": encode_mp4(render_frames(story)),
+            "video": encode_video(render_frames(story)),
             "question": q,
             "answer_gt": a,
             "question_type": qtype,
