@@ -92,7 +92,7 @@ def decode_video(data: bytes, num_frames: int = DEFAULT_NUM_FRAMES, max_pixels: 
 
 def _open(data: bytes) -> av.container.InputContainer:
     try:
-        container = av.open(io.BytesIO(data), "r")
+        container = av.open(io.BytesIO(data), "r", metadata_errors="replace")  # corrupt tags are no reason
     except av.FFmpegError as e:
         raise BadVideo(f"not a video, or a corrupt or truncated one: {_reason(e)}") from None
     name = container.format.name
@@ -116,6 +116,8 @@ def _count_frames(data: bytes, max_pixels: int,
     limit = f"the limit of {max_seconds:g} s (--max-video-seconds)"
     with _open(data) as container:
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # FFmpeg has no decoder for what the header says
+            raise BadVideo("corrupt or unsupported video: its stream's codec is unknown")
         width, height = stream.codec_context.width, stream.codec_context.height
         _check_pixels(width, height, max_pixels)
         rate = stream.average_rate or stream.guessed_rate
