@@ -21,6 +21,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import scenes
 from .scenes import BACKGROUNDS, COLOR_NAMES, COLORS, RADIUS, SHAPES, Obj, _draw, write
 
 SIZE = 112  # 8x8 patches of 14 px; a multiple of 16, so yuv420p needs no padding
@@ -104,49 +105,35 @@ def encode_video(frames: np.ndarray, fps: int = FPS, codec: str = "mpeg4", fmt: 
 
 
 def question(story: Story, rng: random.Random, qtype: str) -> tuple[str, str] | None:
-    """One (question, answer) of the given type, or None where the type has no valid question."""
-    objs = [m.obj for m in story.movers]
+    """One (question, answer) of the given type, or None where the type has no valid question.
+
+    Colour and shape questions are the still scenes' (`scenes.questions`) about the first frame.
+    """
     if qtype == "motion":
         m = rng.choice(story.movers)
         return f"which direction does the {m.obj.color} {m.obj.shape} move?", m.direction
-    if qtype == "color":
-        unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
-        if not unique:
-            return None
-        o = rng.choice(unique)
-        return f"what color is the {o.shape}?", o.color
-    if qtype == "shape":
-        o = rng.choice(objs)
-        return f"what shape is the {o.color} object?", o.shape
     if qtype == "count":
-        return "how many objects are there?", str(len(objs))
+        return "how many objects are there?", str(len(story.movers))
+    if qtype in ("color", "shape"):
+        return scenes.questions(scenes.Scene(story.background, tuple(m.obj for m in story.movers)), rng, qtype)
     raise ValueError(qtype)
 
 
 def samples(seed: int, n: int, types: tuple[str, ...] = QUESTION_TYPES, max_objects: int = 3):
-    """Yield n (story, question_type, question, answer), one question per clip, types cycling."""
+    """Yield n (story, question_type, question, answer): clip i asks types[i % len(types)], or
+    the next type that has a question for that clip (motion, shape and count always do)."""
     rng = random.Random(seed)
     for i in range(n):
         story = sample_story(rng, max_objects)
-        for k in range(len(types)):  # fall through to the next type where one has no question
-            qtype = types[(i + k) % len(types)]
-            if (qa := question(story, rng, qtype)) is not None:
-                break
-        yield story, qtype, *qa
+        order = types[i % len(types):] + types[:i % len(types)]
+        yield next((story, t, *qa) for t in order if (qa := question(story, rng, t)) is not None)
 
 
 def generate(seed: int, n: int, types: tuple[str, ...] = QUESTION_TYPES, max_objects: int = 3) -> list[dict]:
     """n dataset rows: id, video (MP4 bytes), question, answer_gt, question_type."""
-    return [
-        {
-            "id": f"clip-{seed}-{i:05d}",
-            "video": encode_video(render_frames(story)),
-            "question": q,
-            "answer_gt": a,
-            "question_type": qtype,
-        }
-        for i, (story, qtype, q, a) in enumerate(samples(seed, n, types, max_objects))
-    ]
+    return [{"id": f"clip-{seed}-{i:05d}", "video": encode_video(render_frames(story)), "question": q,
+             "answer_gt": a, "question_type": qtype}
+            for i, (story, qtype, q, a) in enumerate(samples(seed, n, types, max_objects))]
 
 
 def main() -> None:
