@@ -24,12 +24,13 @@ from pruner.vlm import budget
 
 from .demo import EVAL_PARQUET, MODEL_DIR
 from .images import DEFAULT_MAX_PIXELS
+from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES
 
 DEFAULT_QUESTION = "Describe the image briefly."
 
 ANSWER_FIELDS = ("input", "split", "model", "method", "keep", "rate", "prune_layer", "method_params",
-                 "max_new_tokens", "temperature", "top_p", "seed", "question", "image_column",
-                 "question_column", "id_column", "max_image_pixels")
+                 "max_new_tokens", "temperature", "top_p", "seed", "question", "image_column", "video_column",
+                 "question_column", "id_column", "max_image_pixels", "num_frames", "max_video_seconds")
 
 
 class JobError(ValueError):
@@ -53,9 +54,12 @@ class JobConfig:
     question: str = DEFAULT_QUESTION  # for rows without one
     split: str | None = None
     image_column: str | None = None
+    video_column: str | None = None  # a video a row instead of an image
     question_column: str | None = None
     id_column: str | None = None
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # per image, and per video frame
+    num_frames: int = DEFAULT_NUM_FRAMES  # sampled uniformly over each clip
+    max_video_seconds: float = DEFAULT_MAX_SECONDS
     # how it runs
     output: str = "out/caption"
     batch_size: int = 8
@@ -87,7 +91,12 @@ class JobConfig:
                 raise JobError(f"--{e}") from None
             set_("keep", keep)
             set_("rate", rate)
-        for name in ("batch_size", "max_new_tokens", "concurrency", "max_image_pixels", "rows_per_file"):
+        if self.image_column is not None and self.video_column is not None:
+            raise JobError("give --image-column or --video-column, not both")
+        if not self.max_video_seconds > 0:
+            raise JobError(f"--max-video-seconds must be > 0, got {self.max_video_seconds}")
+        for name in ("batch_size", "max_new_tokens", "concurrency", "max_image_pixels", "rows_per_file",
+                     "num_frames"):
             _at_least(name, getattr(self, name), 1)
         for name in ("threads_per_actor", "limit"):
             if getattr(self, name) is not None:
@@ -200,10 +209,15 @@ def _flags() -> list[tuple[str, dict]]:
         ("seed", dict(type=int, help="sampling seed")),
         ("question", dict(help=f"prompt for rows without a question (default: {DEFAULT_QUESTION!r})")),
         ("image_column", dict(help="default: 'image' ('bytes' for a folder of images)")),
+        ("video_column", dict(help="answer about a video a row: its column (bytes, a path relative to the "
+                                   "dataset, or a URI); default for a folder of video files: 'bytes'")),
+        ("num_frames", dict(type=int, help=f"frames sampled uniformly over each clip (default: {DEFAULT_NUM_FRAMES})")),
+        ("max_video_seconds", dict(type=float, help=f"longer clips become error rows "
+                                                    f"(default: {DEFAULT_MAX_SECONDS:g})")),
         ("question_column", dict(help="default: 'question' when the input has it")),
         ("id_column", dict(help="row id copied to the output; default: the input's 'id' column, else a hash "
                                 "of image and question (ids may repeat: rows are tracked by position)")),
-        ("max_image_pixels", dict(type=int, help=f"larger images become error rows "
+        ("max_image_pixels", dict(type=int, help=f"larger images (or video frames) become error rows "
                                                  f"(default: {default['max_image_pixels']:,})")),
         ("batch_size", dict(type=int, help=f"default: {default['batch_size']}")),
         ("concurrency", dict(type=int, help="model actors (default: 1)")),

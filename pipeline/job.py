@@ -28,18 +28,22 @@ MANIFEST_VERSION = 1
 
 def columns(cfg: JobConfig, source: Source) -> Columns:
     names = source.dataset.schema().names
-    image = cfg.image_column or source.image_column
+    video = cfg.video_column or (source.video_column if cfg.image_column is None else None)
+    image = None if video else cfg.image_column or source.image_column
 
     def need(flag: str, name: str) -> str:
         if name not in names:
             raise JobError(f"{flag} {name!r} is not a column of {cfg.input}; columns: {', '.join(names)}")
         return name
 
-    need("--image-column", image)
+    if video:
+        need("--video-column", video)
+    else:
+        need("--image-column", image)
     question = need("--question-column", cfg.question_column) if cfg.question_column else (
         "question" if "question" in names else None)
     id_col = need("--id-column", cfg.id_column) if cfg.id_column else ("id" if "id" in names else None)
-    return Columns(image=image, question=question, id=id_col, default_question=cfg.question)
+    return Columns(image=image, video=video, question=question, id=id_col, default_question=cfg.question)
 
 
 def differences(stored: dict, now: dict) -> list[str]:
@@ -143,7 +147,8 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(prepare, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs={"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir,
-                                   "max_pixels": cfg.max_image_pixels})
+                                   "max_pixels": cfg.max_image_pixels, "num_frames": cfg.num_frames,
+                                   "max_video_seconds": cfg.max_video_seconds})
     return ds.map_batches(
         Answerer, batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
         num_gpus=gpus, num_cpus=1 if gpus > 0 else min(1.0, cpus / 2),

@@ -18,6 +18,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("prompt_tokens", pa.int32()),
     ("prompt_tokens_kept", pa.int32()),
     ("generated_tokens", pa.int32()),
+    ("frames", pa.int32()),  # video frames the model saw; 0 for an image
+    ("note", pa.string()),  # a remark on a row that was answered (e.g. a clip shorter than asked)
     ("flops_vision", pa.int64()),
     ("flops_prefill", pa.int64()),
     ("flops_decode", pa.int64()),
@@ -30,6 +32,7 @@ OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
 # Columns the CPU stage adds for the model stage; never written.
 PREPARED = "_prepared"  # safetensors bytes of the preprocessed sample, null when it failed
 ERROR = "_error"
+NOTE = "_note"
 
 
 def output_table(rows: dict[str, list], passthrough: pa.Table) -> pa.Table:

@@ -1,6 +1,6 @@
 """Input datasets as Ray Datasets: Parquet (file, directory or glob, on any pyarrow
 filesystem), a `datasets.save_to_disk` directory, a Hugging Face dataset name, or a folder
-of image files."""
+of image or video files."""
 from __future__ import annotations
 
 import fnmatch
@@ -16,12 +16,15 @@ class SourceError(ValueError):
     """The input cannot be opened: reported as one line before any work starts."""
 
 
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg")
+
+
 @dataclass
 class Source:
     dataset: ray.data.Dataset
-    kind: str  # "parquet", "hf-disk", "hf-hub" or "images"
-    base_dir: str | None  # where relative image paths start
+    base_dir: str | None  # where relative image / video paths start
     image_column: str  # the column that holds images unless the user names another
+    video_column: str | None = None  # a folder of video files: the column of their bytes
 
 
 def open_source(uri: str, split: str | None = None) -> Source:
@@ -31,25 +34,26 @@ def open_source(uri: str, split: str | None = None) -> Source:
     if info is not None and info.type == pafs.FileType.Directory:
         names = {posixpath.basename(f.path) for f in fs.get_file_info(pafs.FileSelector(path))}
         if {"state.json", "dataset_dict.json"} & names:
-            return Source(_from_disk(uri, split), "hf-disk", uri, "image")
+            return Source(_from_disk(uri, split), uri, "image")
         if any(n.endswith(".parquet") for n in names):
-            return Source(ray.data.read_parquet(uri), "parquet", uri, "image")
+            return Source(ray.data.read_parquet(uri), uri, "image")
         files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                  if f.type == pafs.FileType.File and not f.base_name.startswith(".")]
         if not files:
             raise SourceError(f"input directory {uri} is empty")
         ds = ray.data.read_binary_files(uri, include_paths=True)
-        return Source(ds, "images", uri, "bytes")
+        videos = sum(f.base_name.lower().endswith(VIDEO_SUFFIXES) for f in files) > len(files) / 2
+        return Source(ds, uri, "bytes", "bytes" if videos else None)
     if info is not None and info.type == pafs.FileType.File:
-        return Source(ray.data.read_parquet(uri), "parquet", posixpath.dirname(uri), "image")
+        return Source(ray.data.read_parquet(uri), posixpath.dirname(uri), "image")
     if fs is not None and any(c in path for c in "*?["):
         files = _glob(fs, uri, path)
         if not files:
             raise SourceError(f"no files match {uri}")
-        return Source(ray.data.read_parquet(files), "parquet", posixpath.dirname(files[0]), "image")
+        return Source(ray.data.read_parquet(files), posixpath.dirname(files[0]), "image")
     if "://" in uri or uri.startswith((".", "/")) or uri.endswith(".parquet"):
         raise SourceError(f"input not found: {uri}")
-    return Source(_from_hub(uri, split), "hf-hub", None, "image")
+    return Source(_from_hub(uri, split), None, "image")
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:

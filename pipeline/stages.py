@@ -25,17 +25,23 @@ from pruner.models import Prepared
 from .config import DEFAULT_QUESTION, JobConfig
 from .images import BadImage, decode, image_bytes
 from .output import first_line
-from .schema import ERROR, OUTPUT_COLUMNS, PREPARED, output_table
+from .schema import ERROR, NOTE, OUTPUT_COLUMNS, PREPARED, output_table
+from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES, decode_video, video_bytes
 
 
 @dataclass(frozen=True)
 class Columns:
     """Which input columns hold what (validated against the input's schema up front)."""
 
-    image: str
+    image: str | None  # None: rows hold videos
     question: str | None  # None: every row gets the default question
-    id: str | None  # None: ids are a hash of image and question
+    id: str | None  # None: ids are a hash of image (or video) and question
     default_question: str = DEFAULT_QUESTION
+    video: str | None = None
+
+    @property
+    def media(self) -> str:
+        return self.video or self.image
 
 
 class Numberer:
@@ -80,7 +86,7 @@ def assign_ids(batch: pa.Table, cols: Columns) -> pa.Table:
     if cols.id is not None:
         ids = batch.column(cols.id).cast(pa.string())
     else:
-        images = batch.column(cols.image).to_pylist()
+        images = batch.column(cols.media).to_pylist()
         ids = pa.array([_content_id(img, q) for img, q in zip(images, questions.to_pylist())], pa.string())
     batch = _set(batch, "id", ids)
     return _set(batch, "question", questions)
@@ -109,16 +115,25 @@ def _preprocessor(model_path: str) -> Preprocessor:
     return Preprocessor.from_pretrained(model_path)  # once per worker process
 
 
-def prepare(batch: pa.Table, cols: Columns, model_path: str, base_dir: str | None, max_pixels: int) -> pa.Table:
-    """Ids and questions, then decode images and run the processor (CPU). Adds `_prepared` and
-    `_error`, drops the image."""
+def prepare(batch: pa.Table, cols: Columns, model_path: str, base_dir: str | None, max_pixels: int,
+            num_frames: int = DEFAULT_NUM_FRAMES, max_video_seconds: float = DEFAULT_MAX_SECONDS) -> pa.Table:
+    """Ids and questions, then decode images and run the processor, or decode and sample a
+    video's frames (CPU). Adds `_prepared`, `_error` and `_note`, drops the image or video.
+
+    A video's frames travel to the model actor as uint8, which runs the processor there: its
+    float32 output is 4x larger (a 32-frame clip: ~54 MiB)."""
     batch = assign_ids(batch, cols)
     preprocessor = _preprocessor(model_path)
-    prepared, errors = [], []
-    for cell, question in zip(batch.column(cols.image).to_pylist(), batch.column("question").to_pylist()):
+    prepared, errors, notes = [], [], []
+    for cell, question in zip(batch.column(cols.media).to_pylist(), batch.column("question").to_pylist()):
+        note = None
         try:
-            image = decode(image_bytes(cell, base_dir), max_pixels)
-            prepared.append(serialize(preprocessor(image, question)))
+            if cols.video is not None:
+                clip = decode_video(video_bytes(cell, base_dir), num_frames, max_pixels, max_video_seconds)
+                blob, note = st_save({"frames": torch.from_numpy(clip.frames)}), clip.note
+            else:
+                blob = serialize(preprocessor(decode(image_bytes(cell, base_dir), max_pixels), question))
+            prepared.append(blob)
             errors.append(None)
         except (BadImage, ValueError) as e:
             prepared.append(None)
@@ -126,8 +141,10 @@ def prepare(batch: pa.Table, cols: Columns, model_path: str, base_dir: str | Non
         except Exception as e:  # never fail the batch for one row
             prepared.append(None)
             errors.append(f"preprocessing failed: {type(e).__name__}: {first_line(e)}")
-    batch = batch.drop_columns([cols.image])
+        notes.append(note)
+    batch = batch.drop_columns([cols.media])
     batch = _set(batch, PREPARED, pa.array(prepared, pa.binary()))
+    batch = _set(batch, NOTE, pa.array(notes, pa.string()))
     return _set(batch, ERROR, pa.array(errors, pa.string()))
 
 
@@ -137,8 +154,11 @@ def serialize(p: Prepared) -> bytes:
                     **{f"vision.{k}": v.contiguous() for k, v in p.vision.items()}})
 
 
-def deserialize(data: bytes) -> Prepared:
+def deserialize(data: bytes, question: str, preprocessor: Preprocessor) -> Prepared:
+    """A prepared sample; a video's uint8 frames go through the processor here."""
     tensors = st_load(data)
+    if "frames" in tensors:
+        return preprocessor(tensors["frames"].numpy(), question)  # [T, H, W, 3] uint8
     return Prepared(tensors.pop("input_ids"), {k.removeprefix("vision."): v for k, v in tensors.items()})
 
 
@@ -157,14 +177,16 @@ class Answerer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         errors = batch.column(ERROR).to_pylist()
-        blobs = batch.column(PREPARED).to_pylist()
-        results = self._generate([i for i, e in enumerate(errors) if e is None], blobs)
+        samples = self._samples(batch, errors)
+        results = self._generate(samples)
         seconds = (time.perf_counter() - start) / max(batch.num_rows, 1)
         rows = [self._row(results.get(i, errors[i]), seconds) for i in range(batch.num_rows)]
         columns = {name: [r.get(name) for r in rows] for name in OUTPUT_COLUMNS}
         for name in ("id", "input_row", "question"):
             columns[name] = batch.column(name).to_pylist()
-        passthrough = batch.drop_columns([c for c in (PREPARED, ERROR) if c in batch.column_names])
+        columns["note"] = [n if r.get("error") is None else None
+                           for n, r in zip(batch.column(NOTE).to_pylist(), rows)]
+        passthrough = batch.drop_columns([c for c in (PREPARED, ERROR, NOTE) if c in batch.column_names])
         return output_table(columns, passthrough)
 
     def _row(self, result: Generation | str, seconds: float) -> dict[str, Any]:
@@ -178,24 +200,35 @@ class Answerer:
                 "keep": result.image_tokens_kept if self.prunes else None,  # the budget applied, truthfully
                 "image_tokens": result.image_tokens, "image_tokens_kept": result.image_tokens_kept,
                 "prompt_tokens": result.prompt_tokens, "prompt_tokens_kept": result.prompt_tokens_kept,
-                "generated_tokens": result.generated_tokens,
+                "generated_tokens": result.generated_tokens, "frames": result.frames,
                 **({} if f is None else {"flops_vision": f.flops_vision, "flops_prefill": f.flops_prefill,
                                          "flops_decode": f.flops_decode, "flops_total": f.flops_total,
                                          "flops_total_unpruned": f.flops_total_unpruned})}
 
-    def _generate(self, todo: list[int], blobs: list[bytes]) -> dict[int, Generation | str]:
+    def _samples(self, batch: pa.Table, errors: list[str | None]) -> dict[int, Prepared]:
+        """Prepared samples by row; a row whose video the processor refuses gets its error."""
+        out = {}
+        blobs, questions = batch.column(PREPARED).to_pylist(), batch.column("question").to_pylist()
+        for i, blob in enumerate(blobs):
+            if errors[i] is None:
+                try:
+                    out[i] = deserialize(blob, questions[i], self.vlm.preprocessor)
+                except Exception as e:
+                    errors[i] = f"preprocessing failed: {type(e).__name__}: {first_line(e)}"
+        return out
+
+    def _generate(self, samples: dict[int, Prepared]) -> dict[int, Generation | str]:
         """Generations by row; a row whose generation failed maps to its error message.
         The batch runs as one; if that fails, each row runs alone so one bad row cannot
         take the others with it."""
-        if not todo:
+        if not samples:
             return {}
-        samples = [deserialize(blobs[i]) for i in todo]
         generate = self.vlm.generate_prepared
         try:
-            return dict(zip(todo, generate(samples, self.cfg.max_new_tokens, **self.sampling)))
+            return dict(zip(samples, generate(list(samples.values()), self.cfg.max_new_tokens, **self.sampling)))
         except Exception:
             out: dict[int, Generation | str] = {}
-            for i, s in zip(todo, samples):
+            for i, s in samples.items():
                 try:
                     out[i] = generate([s], self.cfg.max_new_tokens, **self.sampling)[0]
                 except Exception as e:

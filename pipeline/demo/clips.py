@@ -15,7 +15,6 @@ import dataclasses
 import io
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import av
 import numpy as np
