@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pruner.methods import METHODS, get_method
-from pruner.models import adapter_class
+from pruner.models import ADAPTERS, adapter_class
 from pruner.vlm import budget
 
 from .demo import EVAL_PARQUET, MODEL_DIR
@@ -111,7 +111,10 @@ class JobConfig:
         set_("model", local_path(self.model) if self.model else str(MODEL_DIR))
         set_("input", local_path(self.input))
         set_("output", local_path(self.output))
-        layers = model_layers(self.model)
+        layers, takes_video = model_info(self.model)
+        if self.video_column is not None and not takes_video:
+            raise JobError(f"--video-column: the model {self.model_name!r} takes no video (families that do: "
+                           f"{', '.join(t for a in ADAPTERS if a.takes_video for t in a.model_types)})")
         if method.stage == "layer" and not 1 <= self.prune_layer < layers:
             raise JobError(f"--prune-layer must be in [1, {layers - 1}] for this {layers}-layer model, "
                            f"got {self.prune_layer}")
@@ -143,18 +146,19 @@ def local_path(uri: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def model_layers(model: str) -> int:
-    """The checkpoint's LLM depth; raises JobError when the checkpoint cannot be used."""
+def model_info(model: str) -> tuple[int, bool]:
+    """The checkpoint's LLM depth and whether its family takes video; raises JobError when the
+    checkpoint cannot be used."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model)
-        adapter_class(config.model_type)
+        adapter = adapter_class(config.model_type)
     except ValueError as e:
         raise JobError(str(e).splitlines()[0]) from None
     except OSError as e:
         raise JobError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
-    return config.get_text_config().num_hidden_layers
+    return config.get_text_config().num_hidden_layers, adapter.takes_video
 
 
 def model_fingerprint(model: str) -> str | None:

@@ -1,0 +1,90 @@
+"""The caption job on video: the synthetic clips through a tiny random LLaVA-OneVision, one row
+per input row, answers equal to direct generation on the same frames, and every kind of bad
+video an error row in a mixed batch."""
+import io
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import tiny
+from pipeline.config import JobConfig, JobError
+from pipeline.demo import clips
+from pipeline.job import read_rows, run
+from pipeline.videos import decode_video
+from pruner import PrunedVLM
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def onevision_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-onevision")
+    model, proc = tiny.llava_onevision()
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return str(path)
+
+
+def audio_only() -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=8000)
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate = 8000
+        c.mux(s.encode(f))
+        c.mux(s.encode())
+    return buf.getvalue()
+
+
+def test_video_flags_are_checked(onevision_dir, model_dir):
+    with pytest.raises(JobError, match="--num-frames must be an int >= 1"):
+        JobConfig(model=onevision_dir, video_column="video", num_frames=0)
+    with pytest.raises(JobError, match="--max-video-seconds must be > 0"):
+        JobConfig(model=onevision_dir, video_column="video", max_video_seconds=0)
+    with pytest.raises(JobError, match="give --image-column or --video-column, not both"):
+        JobConfig(model=onevision_dir, video_column="video", image_column="image")
+    with pytest.raises(JobError, match="takes no video"):
+        JobConfig(model=model_dir, video_column="video")  # LLaVA-1.5
+
+
+@pytest.mark.slow
+def test_the_job_answers_videos_as_direct_generation_does(local_ray, onevision_dir, tmp_path):
+    good = clips.generate(seed=3, n=4)
+    long_clip = clips.encode_video(np.zeros((40, 32, 32, 3), np.uint8), fps=1)  # 40 s
+    short = clips.encode_video(np.zeros((3, 32, 32, 3), np.uint8))
+    big = clips.encode_video(np.zeros((2, 160, 160, 3), np.uint8))
+    bad = [("corrupt", b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50, "corrupt"),
+           ("truncated", good[0]["video"][:300], "video"),
+           ("not-a-video", b"hello, I am a text file", "not a video"),
+           ("audio-only", audio_only(), "no video stream"),
+           ("null", None, "missing video (null)"),
+           ("too-long", long_clip, "--max-video-seconds"),
+           ("too-big", big, "--max-image-pixels")]
+    rows = [{"id": r["id"], "video": r["video"], "question": r["question"]} for r in good]
+    rows += [{"id": name, "video": data, "question": "what ?"} for name, data, _ in bad]
+    rows.append({"id": "short", "video": short, "question": "what ?"})
+    pq.write_table(pa.table({"id": [r["id"] for r in rows], "video": pa.array([r["video"] for r in rows], pa.binary()),
+                             "question": [r["question"] for r in rows]}), tmp_path / "clips.parquet")
+    out = tmp_path / "o"
+    cfg = JobConfig(model=onevision_dir, input=str(tmp_path / "clips.parquet"), output=str(out), video_column="video",
+                    num_frames=4, max_video_seconds=30, max_image_pixels=100 * 100, keep=12, max_new_tokens=4,
+                    batch_size=3)
+    summary = run(cfg)
+    got = {r["id"]: r for r in read_rows(cfg).to_pylist()}
+    assert sorted(got) == sorted(r["id"] for r in rows) and summary["rows"] == len(rows)
+    for name, _, message in bad:
+        assert got[name]["answer"] is None and message in got[name]["error"], (name, got[name]["error"])
+    assert got["short"]["error"] is None and got["short"]["frames"] == 3
+    assert got["short"]["note"] == "clip has 3 frames, fewer than the 4 asked: used 3"
+
+    vlm = PrunedVLM.from_pretrained(onevision_dir, method="vlm-pruner", keep=12)
+    frames = [decode_video(r["video"], 4).frames for r in good]
+    direct = vlm.generate(frames, [r["question"] for r in good], max_new_tokens=4)
+    for r, d in zip(good, direct):
+        row = got[r["id"]]
+        assert (row["answer"], row["frames"], row["image_tokens"], row["image_tokens_kept"]) == \
+            (d.text, 4, d.image_tokens, 12)
+        assert row["flops_total"] == d.flops.flops_total and row["note"] is None
