@@ -171,10 +171,13 @@ def qwen2_vl(seed: int = 0):
 
 def qwen2_5_vl(seed: int = 0):
     """Qwen2.5-VL at small size: as Qwen2-VL, plus window attention on 2x2-token windows
-    (window_size 56 px) in vision block 0 and full attention in block 1."""
+    (window_size 56 px) in vision block 0 and full attention in block 1; video temporal ids
+    spaced by time."""
     tok = qwen_tokenizer()
+    # tokens_per_second 24: a video's temporal ids step by 24 * second_per_grid_ts (2 / 24 s a
+    # temporal patch at the processor's default 24 fps), not all 0 as at the default 4
     cfg = _qwen_config(Qwen2_5_VLConfig, dict(hidden_size=32, intermediate_size=64, out_hidden_size=64,
-                                              window_size=56, fullatt_block_indexes=[1]), tok)
+                                              window_size=56, fullatt_block_indexes=[1], tokens_per_second=24), tok)
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(cfg).eval(), _qwen_processor(Qwen2_5_VLProcessor, tok)
 
