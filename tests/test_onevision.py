@@ -11,7 +11,6 @@ from pruner import PrunedVLM
 from pruner.methods import METHODS
 from pruner.models import adapter_class
 from pruner.models.llava_onevision import LlavaOnevisionAdapter
-from pruner.runtime import collate, prefill
 
 pytestmark = pytest.mark.timeout(300)
 BASE = (6, 6)  # 84 px tile, patch 14
@@ -88,11 +87,7 @@ def test_video_layout_is_pooled_frames_then_one_newline(vlm):
 def test_every_newline_reaches_layer_k(vlm, method):
     vlm = PrunedVLM(vlm.model, vlm.preprocessor.processor, method=method, keep=5)
     items = [tiny.image(0, SIZES[0]), tiny.video(0, 3), tiny.image(1, SIZES[3]), tiny.video(1, 2, (60, 100))]
-    samples = vlm.preprocess(items, tiny.QUESTIONS[:4])
-    batch = collate(vlm.adapter, samples, vlm.device)
-    with torch.inference_mode():
-        _, state = prefill(vlm.adapter, vlm.plan, batch, room=0)
-    pad = state.segments[-1].pad
+    samples, state, pad = tiny.prefilled(vlm, items, tiny.QUESTIONS[:4])
     for b, p in enumerate(samples):
         layout = vlm.adapter.layout(p.input_ids, p.vision)
         visual = torch.isin(p.input_ids, torch.tensor([IMAGE, VIDEO]))

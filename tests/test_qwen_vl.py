@@ -5,7 +5,7 @@ import torch
 
 import tiny
 from pruner import PrunedVLM
-from pruner.runtime import collate, generate_tokens, prefill
+from pruner.runtime import collate, generate_tokens
 
 pytestmark = pytest.mark.timeout(300)
 # image size (w, h) -> image_grid_thw the processor makes, and the merged grid the LLM sees
@@ -82,12 +82,7 @@ def test_positions_are_transformers_rope_index(family):
 def test_kept_image_tokens_keep_their_3d_ids(family, method):
     model, proc = family
     vlm = PrunedVLM(model, proc, method=method, keep=5)
-    images, questions = samples(3)
-    prepared = vlm.preprocess(images, questions)
-    batch = collate(vlm.adapter, prepared, vlm.device)
-    with torch.inference_mode():
-        _, state = prefill(vlm.adapter, vlm.plan, batch, room=0)
-    pruned = state.segments[-1].pad
+    prepared, state, pruned = tiny.prefilled(vlm, *samples(3))
     for b, p in enumerate(prepared):
         layout = vlm.adapter.layout(p.input_ids, p.vision)
         start, (h, w) = int(layout.positions[0]), layout.grid

@@ -9,7 +9,6 @@ from PIL import Image
 import tiny
 from pruner import PrunedVLM
 from pruner.methods import METHODS
-from pruner.runtime import collate, prefill
 
 pytestmark = pytest.mark.timeout(300)
 # a mixed batch: clips of 4 and 2 frames between images of two sizes
@@ -88,11 +87,7 @@ def test_layer_k_sees_text_unprunable_visual_tokens_and_the_kept_ones_at_their_p
     position ids (3-D for Qwen; DivPrune on 1-D positions renumbers, as its reference)."""
     model, proc, _ = family
     vlm = PrunedVLM(model, proc, method=method, keep=5)
-    prepared = vlm.preprocess(batch_items(), QUESTIONS)
-    batch = collate(vlm.adapter, prepared, vlm.device)
-    with torch.inference_mode():
-        _, state = prefill(vlm.adapter, vlm.plan, batch, room=0)
-    pad = state.segments[-1].pad
+    prepared, state, pad = tiny.prefilled(vlm, batch_items(), QUESTIONS)
     for b, p in enumerate(prepared):
         layout = vlm.adapter.layout(p.input_ids, p.vision)
         keep = torch.ones(len(p.input_ids), dtype=torch.bool)

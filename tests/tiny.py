@@ -193,6 +193,17 @@ def video(seed: int, frames: int, size: tuple[int, int] = (90, 70)) -> np.ndarra
     return rng.integers(0, 255, (frames, size[1], size[0], 3), dtype=np.uint8)
 
 
+def prefilled(vlm, items: list, questions: list[str]):
+    """Prefill one batch with `vlm`'s plan: (prepared samples, state, pad [B, L'] of the
+    pruned prompt entering the layers after pruning)."""
+    from pruner.runtime import collate, prefill
+
+    prepared = vlm.preprocess(items, questions)
+    with torch.inference_mode():
+        _, state = prefill(vlm.adapter, vlm.plan, collate(vlm.adapter, prepared, vlm.device), room=0)
+    return prepared, state, state.segments[-1].pad
+
+
 # family -> builder of (model, processor); a wide initialisation makes greedy outputs vary
 FAMILIES = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision, "qwen2_vl": qwen2_vl,
             "qwen2_5_vl": qwen2_5_vl}
