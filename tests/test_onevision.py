@@ -140,3 +140,13 @@ def test_real_onevision_geometry(size, placeholders, hires):
     assert int((ids == VIDEO).sum()) == 32 * 196 + 1
     layout = adapter.layout(ids, {"pixel_values_videos": clip["pixel_values_videos"]})
     assert layout.grid == (32, 14, 14) and len(layout.positions) == 6272 and layout.frames == 32
+
+
+def test_from_pretrained_loads_the_family_and_answers_videos(vlm, tmp_path):
+    vlm.model.save_pretrained(tmp_path)
+    vlm.preprocessor.processor.save_pretrained(tmp_path)
+    loaded = PrunedVLM.from_pretrained(str(tmp_path), method="vlm-pruner", keep=5, device="cpu")
+    assert type(loaded.adapter) is LlavaOnevisionAdapter
+    items, questions = [tiny.video(0, 3), tiny.image(0, SIZES[3])], tiny.QUESTIONS[:2]
+    for a, b in zip(loaded.generate(items, questions, max_new_tokens=4), vlm.generate(items, questions, max_new_tokens=4)):
+        assert a.token_ids == b.token_ids and a.kept_indices == b.kept_indices and a.frames == b.frames

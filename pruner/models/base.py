@@ -25,7 +25,7 @@ from ..methods import Grid
 class Prepared:
     """One sample after preprocessing: CPU tensors only, made where there is no model."""
 
-    input_ids: Tensor  # [L], image placeholders already expanded
+    input_ids: Tensor  # [L], image or video placeholders already expanded
     vision: dict[str, Tensor] = field(default_factory=dict)  # processor outputs for the vision tower
 
 
