@@ -7,10 +7,12 @@ dropped token into its most similar kept one.
 This project's extension, video: a clip's tokens sit on a (T, H, W) grid, and BSS measures
 how far a candidate is from the kept set in space and time,
 sqrt(dx^2 + dy^2 + (s * dt)^2) with s = `temporal_scale` (default 1: one frame apart counts
-as one token apart). s = 0 overlays the frames, as multi-tile images are overlaid; a large s
-makes another frame far away, so selection fills a frame's neighbourhood before moving in
-time. Images have no time axis and are selected exactly as the paper describes. The budget
-is the whole clip's, not a per-frame one.
+as one token apart; Qwen's time step is one temporal patch of two frames), normalized by
+the diagonal of the whole (s * T, H, W) box so that it stays in [0, 1] as the paper's does.
+s = 0 overlays the frames, as multi-tile images are overlaid; a large s makes another frame
+far away, so selection fills a frame's neighbourhood before moving in time. Images have no
+time axis and are selected exactly as the paper describes. The budget is the whole clip's,
+not a per-frame one.
 """
 from __future__ import annotations
 
