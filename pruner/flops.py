@@ -1,6 +1,6 @@
 """Per-sample FLOPs: vision tower + projector, prefill, decode; pruned and unpruned.
 
-Two conventions (`shared/reference/FLOPS_AND_RESULTS.md`):
+Two conventions:
 
 * **Measured-style** (`Flops.flops_*`): 2 FLOPs per multiply-add of every matmul that runs
   for the sample, from the model config and the sample's real token counts. This is what

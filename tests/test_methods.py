@@ -1,4 +1,4 @@
-"""Selection methods: known answers by construction (shared/reference/ALGORITHMS.md)."""
+"""Selection methods: known answers by construction, from the definitions in their docstrings."""
 import math
 
 import pytest
