@@ -1,6 +1,6 @@
 """Per-sample FLOPs: vision tower + projector, prefill, decode; pruned and unpruned.
 
-Two conventions (`shared/reference/FLOPS_AND_RESULTS.md`):
+Two conventions:
 
 * **Measured-style** (`Flops.flops_*`): 2 FLOPs per multiply-add of every matmul that runs
   for the sample, from the model config and the sample's real token counts. This is what
@@ -141,12 +141,18 @@ def _patch_vit(vcfg: Any, pixel_values: Tensor, cls_token: int) -> tuple[int, in
     return tiles * flops, tiles, s
 
 
+def _pixels(vision: Mapping[str, Tensor]) -> Tensor:
+    """An image's tiles, or a video's frames [1, T, 3, H, W]: the tower runs once per frame
+    (LLaVA-OneVision pools each frame's tokens after the projector, which costs no matmul)."""
+    return vision["pixel_values"] if "pixel_values" in vision else vision["pixel_values_videos"]
+
+
 def _clip(vcfg: Any, vision: Mapping[str, Tensor]) -> tuple[int, int, int]:
-    return _patch_vit(vcfg, vision["pixel_values"], cls_token=1)
+    return _patch_vit(vcfg, _pixels(vision), cls_token=1)
 
 
 def _siglip(vcfg: Any, vision: Mapping[str, Tensor]) -> tuple[int, int, int]:
-    flops, tiles, s = _patch_vit(vcfg, vision["pixel_values"], cls_token=0)
+    flops, tiles, s = _patch_vit(vcfg, _pixels(vision), cls_token=0)
     if getattr(vcfg, "vision_use_head", True):  # attention pooling: one probe query, then an MLP
         h, m = vcfg.hidden_size, vcfg.intermediate_size
         head = 2 * h * h + 2 * s * h * 2 * h + 2 * 2 * s * h + 2 * h * h + 2 * 2 * h * m
@@ -234,8 +240,9 @@ def _llava_tiles(config: Any, vision: Mapping[str, Tensor]) -> Mapping[str, Tens
 
 def vision_flops(config: Any, vision: Mapping[str, Tensor]) -> int:
     """Vision tower + projector for one sample's vision inputs (only their shapes are read,
-    and Qwen's grid_thw values). LLaVA: pixel_values [1, 3, H, W]; LLaVA-NeXT: [1, P, 3, H, W]
-    tiles; Qwen2-VL / Qwen2.5-VL: flat patches with image_grid_thw [1, 3]."""
+    and Qwen's grid_thw values). LLaVA: pixel_values [1, 3, H, W]; LLaVA-NeXT / OneVision:
+    [1, P, 3, H, W] tiles; OneVision video: pixel_values_videos [1, T, 3, H, W]; Qwen2-VL /
+    Qwen2.5-VL: flat patches with image_grid_thw or video_grid_thw [1, 3]."""
     if not vision:
         return 0
     vcfg = config.vision_config

@@ -109,8 +109,10 @@ class Batch:
     pad: Tensor  # [B, L] bool, real tokens
     embeds: Tensor  # [B, L, D]
     positions: Tensor  # [P, B, L]
-    image_positions: list[Tensor]  # per sample [N_b], columns of prunable image tokens
+    visual: Tensor  # [B, L] bool, every visual placeholder (prunable or not, e.g. newlines)
+    image_positions: list[Tensor]  # per sample [N_b], columns of prunable visual tokens
     grids: list
+    frames: list[int]  # per sample, video frames (0 for an image)
 
 
 def collate(adapter: Adapter, samples: list[Prepared], device: torch.device) -> Batch:
@@ -124,18 +126,23 @@ def collate(adapter: Adapter, samples: list[Prepared], device: torch.device) -> 
 
     vision = {k: v.to(device) for k, v in adapter.collate_vision(samples).items()}
     embeds = adapter.embed_tokens(input_ids)  # [B, L, D]
-    features = torch.cat(adapter.image_features(vision)).to(embeds.dtype)
-    placeholders = (input_ids == adapter.image_token_id) & pad
-    if int(placeholders.sum()) != features.shape[0]:
-        raise ValueError(f"the prompts hold {int(placeholders.sum())} image tokens but the vision "
-                         f"tower made {features.shape[0]} features")
-    embeds[placeholders] = features
+    features = adapter.features(vision)
+    for token_id in adapter.visual_token_ids:  # each kind of placeholder gets its own features
+        placeholders = (input_ids == token_id) & pad
+        feats = features.get(token_id, embeds.new_empty(0, embeds.shape[-1]))  # [n, D]
+        if int(placeholders.sum()) != feats.shape[0]:
+            raise ValueError(f"the prompts hold {int(placeholders.sum())} placeholders of token {token_id} but "
+                             f"the vision tower made {feats.shape[0]} features for them")
+        embeds[placeholders] = feats.to(embeds.dtype)
     layouts = [adapter.layout(s.input_ids, s.vision) for s in samples]
+    visual_ids = torch.tensor(adapter.visual_token_ids, device=device)
     return Batch(
         input_ids=input_ids, pad=pad, embeds=embeds,
         positions=adapter.positions(input_ids, pad, vision),
+        visual=torch.isin(input_ids, visual_ids) & pad,
         image_positions=[lay.positions.to(device) + int(off) for lay, off in zip(layouts, offsets)],
         grids=[lay.grid for lay in layouts],
+        frames=[lay.frames for lay in layouts],
     )
 
 
@@ -290,7 +297,7 @@ def _layer_signals(adapter: Adapter, batch: Batch, h: Tensor, keys: Tensor,
                    last_row: list[Tensor]) -> dict[str, Callable[[int, Tensor], Tensor]]:
     """Lazy per-sample signals after layer K-1; only the ones a method needs are computed.
     h: [B, L, D] layer K-1 output; keys: [B, kv_heads, >= L, hd] its cache (after rotary)."""
-    text = batch.pad & (batch.input_ids != adapter.image_token_id)  # [B, L]
+    text = batch.pad & ~batch.visual  # [B, L]; image and video placeholders are never text
 
     def key_rows(b: int, cols: Tensor) -> Tensor:
         return keys[b, :, cols].transpose(0, 1).flatten(1)  # [n, kv_heads * hd]

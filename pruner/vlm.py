@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
@@ -27,17 +28,23 @@ class Generation:
 
     text: str
     token_ids: list[int]
-    image_tokens: int  # prunable image tokens in the prompt (N)
+    image_tokens: int  # prunable visual tokens in the prompt (N), an image's or a video's
     image_tokens_kept: int  # k
     prompt_tokens: int
     prompt_tokens_kept: int  # tokens entering the layers after pruning
     generated_tokens: int
-    kept_indices: list[int]  # into the N image tokens, ascending
+    kept_indices: list[int]  # into the N visual tokens, ascending
     flops: Flops | None = None  # see pruner.flops
+    frames: int = 0  # video frames the vision tower saw (Qwen pads to an even count); 0 for an image
+
+
+Visual = Image.Image | np.ndarray | Sequence[Image.Image]  # an image, or a video's frames
 
 
 class Preprocessor:
-    """Chat template, tokenizing and image preparation for one checkpoint: no model needed."""
+    """Chat template, tokenizing and image / video preparation for one checkpoint: no model
+    needed. A video is its already-sampled frames: a list of PIL images or a uint8 array
+    [T, H, W, 3]; every frame is used."""
 
     def __init__(self, processor: Any, adapter_cls: type[Adapter]):
         self.processor = processor
@@ -48,14 +55,13 @@ class Preprocessor:
         config = AutoConfig.from_pretrained(path)
         return cls(AutoProcessor.from_pretrained(path), adapter_class(config.model_type))
 
-    def __call__(self, image: Image.Image, question: str) -> Prepared:
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"each question needs a PIL image, got {type(image).__name__}")
+    def __call__(self, image: Visual, question: str) -> Prepared:
+        """One sample: `image` is a PIL image or a video (list of PIL frames, or uint8 [T, H, W, 3])."""
         if not isinstance(question, str):
             raise ValueError(f"each question must be a string, got {type(question).__name__}")
-        return self.adapter_cls.prepare(self.processor, image.convert("RGB"), question)
+        return self.adapter_cls.prepare(self.processor, as_visual(image), question)
 
-    def many(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[Prepared]:
+    def many(self, images: Sequence[Visual], questions: Sequence[str]) -> list[Prepared]:
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions: one image per question")
         return [self(image, q) for image, q in zip(images, questions)]
@@ -117,10 +123,10 @@ class PrunedVLM:
             return max(1, round(n * (1 - self.rate)))
         return min(self.keep, n)
 
-    def preprocess(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[Prepared]:
+    def preprocess(self, images: Sequence[Visual], questions: Sequence[str]) -> list[Prepared]:
         return self.preprocessor.many(images, questions)
 
-    def generate(self, images: Sequence[Image.Image], questions: Sequence[str],
+    def generate(self, images: Sequence[Visual], questions: Sequence[str],
                  max_new_tokens: int | Sequence[int] = 64, **sampling: Any) -> list[Generation]:
         return self.generate_prepared(self.preprocess(images, questions), max_new_tokens, **sampling)
 
@@ -154,9 +160,27 @@ class PrunedVLM:
                 flops=sample_flops(self.model.config, samples[b].vision, prompt_tokens=state.prompt_tokens[b],
                                    prompt_tokens_kept=state.prompt_tokens_kept[b], generated_tokens=len(ids),
                                    stage=self.method.stage, prune_layer=self.prune_layer),
+                frames=batch.frames[b],
             )
             for b, ids in enumerate(token_ids)
         ]
+
+
+def as_visual(x: Any) -> Image.Image | np.ndarray:
+    """An RGB PIL image, or a video as a uint8 array [T, H, W, 3] (from a list of PIL frames
+    of one size, or such an array as it is)."""
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    if isinstance(x, (list, tuple)) and x and all(isinstance(f, Image.Image) for f in x):
+        sizes = {f.size for f in x}
+        if len(sizes) > 1:
+            raise ValueError(f"a video's frames must share one size, got {sorted(sizes)}")
+        return np.stack([np.asarray(f.convert("RGB")) for f in x])  # [T, H, W, 3]
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.shape[0] >= 1 and x.shape[3] == 3:
+        return x
+    what = f"array {x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+    raise ValueError("each question needs a PIL image or a video (a list of PIL frames or a uint8 array "
+                     f"[T, H, W, 3]), got {what}")
 
 
 def budget(stage: str, keep: int | None, rate: float | None) -> tuple[int | None, float | None]:

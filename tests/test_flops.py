@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaNextConfig, LlavaNextForConditionalGeneration, PhiConfig, PhiForCausalLM,
+                          LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+                          LlavaOnevisionForConditionalGeneration, PhiConfig, PhiForCausalLM, Qwen2Config,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration, SiglipVisionConfig)
 
@@ -75,6 +76,31 @@ def test_analytic_flops_match_the_flop_counter(family, phases, method, budget):
     assert f.flops_decode == pytest.approx(phases["decode_step"], rel=0.02)
     assert f.flops_total == pytest.approx(counter.get_total_flops() - selection, rel=0.02)
     assert f.flops_total == f.flops_vision + f.flops_prefill + f.flops_decode
+
+
+@pytest.fixture(scope="module", params=tiny.VIDEO_FAMILIES)
+def video_family(request):
+    model, proc = tiny.FAMILIES[request.param]()
+    model.set_attn_implementation("eager")
+    return model, proc
+
+
+@pytest.mark.parametrize("method,budget", CASES, ids=[f"{m}-{b}" for m, b in CASES])
+def test_video_flops_match_the_flop_counter(video_family, phases, method, budget):
+    """A 4-frame clip (3 for Qwen: padded to 4, two temporal patches): the tower on every
+    frame, OneVision's projector on every frame's unpooled tokens, the LLM on the clip."""
+    model, proc = video_family
+    vlm = PrunedVLM(model, proc, method=method, attention="eager", **budget)
+    vlm.eos = {-1}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = vlm.generate([tiny.video(1, 3)], [tiny.QUESTIONS[1]], max_new_tokens=3)[0]
+    f = out.flops
+    assert out.frames >= 3 and out.generated_tokens == 3
+    selection = phases["select"] + phases["last_row_attention"]
+    assert f.flops_vision == pytest.approx(phases["collate"], rel=0.02)
+    assert f.flops_prefill == pytest.approx(phases["prefill"] - selection, rel=0.02)
+    assert f.flops_decode == pytest.approx(phases["decode_step"], rel=0.02)
+    assert f.flops_total == pytest.approx(counter.get_total_flops() - selection, rel=0.02)
 
 
 def test_text_models_gqa_bias_and_plain_mlp_match_the_counter():
@@ -168,7 +194,34 @@ def _clip_layer_list():
         {"pixel_values": torch.randn(1, 3, 28, 28)}]
 
 
-TOWERS = {"qwen2-vl": _qwen2_vl, "qwen2.5-vl-windows": _qwen2_5_vl, "llava-next-tiles": _llava_next,
+def _onevision():
+    """SigLIP without head, anyres_max_1 (the 2x2 tiles' 4x4 grid is shrunk to 2x2), and a
+    3-frame clip pooled to 1x1 a frame: the tower runs on every tile and every frame."""
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=28, patch_size=14, vision_use_head=False),
+        text_config=Qwen2Config(**TEXT), image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+        vision_aspect_ratio="anyres_max_1")
+    model = LlavaOnevisionForConditionalGeneration(config)
+
+    def features(v):
+        if "pixel_values_videos" in v:
+            return model.model.get_video_features(v["pixel_values_videos"])
+        return model.model.get_image_features(v["pixel_values"], v["image_sizes"])
+
+    image = {"pixel_values": torch.randn(1, 5, 3, 28, 28), "image_sizes": torch.tensor([[60, 60]])}
+    return model, features, [image, {"pixel_values_videos": torch.randn(1, 3, 3, 28, 28)}]
+
+
+def _qwen_video(config_fn):
+    """Qwen towers on video: attention within each temporal patch, then the merger."""
+    model, _, _ = config_fn()
+    inputs = {"pixel_values_videos": torch.randn(3 * 6 * 10, 3 * 2 * 2 * 2), "video_grid_thw": torch.tensor([[3, 6, 10]])}
+    return model, lambda v: model.model.get_video_features(v["pixel_values_videos"], v["video_grid_thw"]), [inputs]
+
+
+TOWERS = {"qwen2-vl": _qwen2_vl, "onevision-tiles-and-frames": _onevision,
+          "qwen2-vl-video": lambda: _qwen_video(_qwen2_vl), "qwen2.5-vl-video": lambda: _qwen_video(_qwen2_5_vl), "qwen2.5-vl-windows": _qwen2_5_vl, "llava-next-tiles": _llava_next,
           "siglip-head": lambda: _siglip(True), "siglip-no-head": lambda: _siglip(False),
           "clip-two-feature-layers": _clip_layer_list}
 

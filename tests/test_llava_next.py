@@ -51,7 +51,7 @@ def test_layout_is_base_tile_then_unpadded_high_res_grid_without_newlines(vlm, s
     assert len(layout.positions) == n
     assert int((p.input_ids == vlm.adapter.image_token_id).sum()) == n + rows  # one newline a row
     coords, _ = grid_coords(layout.grid, n)  # the grids hold exactly the N prunable tokens
-    assert coords.shape == (n, 2)
+    assert coords.shape == (n, 3)
     newlines = newline_columns(p.input_ids, rows, cols)
     assert not torch.isin(newlines, layout.positions).any()
     assert torch.equal(layout.positions.sort().values, layout.positions)
@@ -111,5 +111,5 @@ def test_layout_needs_the_image_size_that_made_the_prompt(vlm):
     p, other = prepared(vlm, [(90, 70), (60, 100)])
     with pytest.raises(ValueError, match="depends on the image's size"):
         vlm.adapter.layout(p.input_ids, {})
-    with pytest.raises(ValueError, match="the prompt holds 70 image tokens but LLaVA-NeXT packs 16 base"):
+    with pytest.raises(ValueError, match="the prompt holds 70 image tokens but llava_next packs 16 base"):
         vlm.adapter.layout(p.input_ids, other.vision)

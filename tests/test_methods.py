@@ -1,4 +1,4 @@
-"""Selection methods: known answers by construction (shared/reference/ALGORITHMS.md)."""
+"""Selection methods: known answers by construction, from the definitions in their docstrings."""
 import math
 
 import pytest
@@ -148,9 +148,64 @@ def test_multi_grid_coordinates_share_the_image_frame():
     coords, diag = grid_coords([(2, 2), (4, 4)], 20)
     assert diag == pytest.approx(math.sqrt(32))
     # the 2x2 tile's top-left token covers the 4x4 grid's top-left 2x2 block: its centre
-    assert coords[0].tolist() == [0.5, 0.5]
-    assert coords[3].tolist() == [2.5, 2.5]
-    assert coords[4].tolist() == [0.0, 0.0] and coords[19].tolist() == [3.0, 3.0]
+    assert coords[0].tolist() == [0.5, 0.5, 0.0]  # (x, y, t): an image has t = 0
+    assert coords[3].tolist() == [2.5, 2.5, 0.0]
+    assert coords[4].tolist() == [0.0, 0.0, 0.0] and coords[19].tolist() == [3.0, 3.0, 0.0]
+
+
+# ---------------------------------------------------------------- VLM-Pruner: video grids
+
+
+def _two_frame_scene():
+    """Two 3x3 frames, one pivot at frame 0's centre (token 4). Token 5 (next to it in space)
+    and token 13 (frame 1's centre: next to it in time) have the same cosine similarity 0.5
+    to it; every other token is a copy of the pivot."""
+    keys = torch.full((18, 3), 0.1)
+    keys[4] = 5.0
+    hidden = torch.zeros(18, 2)
+    hidden[:, 0] = 1.0
+    hidden[5] = hidden[13] = unit(60.0)[0]
+    return keys, hidden
+
+
+@pytest.mark.parametrize("chunk", [1, 16])
+def test_bss_on_a_clip_takes_the_neighbour_in_time_when_frames_are_close(chunk):
+    keys, hidden = _two_frame_scene()
+    pick = lambda **kw: vlm_pruner.select(keys, hidden, (2, 3, 3), keep=2, pivots=1, chunk=chunk, **kw)[0].tolist()
+    assert pick(temporal_scale=0.5) == [4, 13]  # one frame away is 0.5 tokens: nearer than token 5
+    assert pick(temporal_scale=0.0) == [4, 13]  # frames overlaid: token 13 sits on the pivot
+    assert pick(temporal_scale=2.0) == [4, 5]  # one frame away is 2 tokens: token 5 is nearer
+    assert pick() == [4, 5]  # default s = 1: both one token away, a tie, the lower index wins
+    assert pick(temporal_scale=2.0, lam=0.0) == [4, 5]  # no spatial term: a tie, lower index
+
+
+def test_video_coordinates_and_diagonal():
+    coords, diag = grid_coords((2, 3, 4), 24, temporal_scale=0.5)
+    assert diag == pytest.approx(math.sqrt(3**2 + 4**2 + 1.0**2))
+    assert coords[0].tolist() == [0.0, 0.0, 0.0]
+    assert coords[6].tolist() == [2.0, 1.0, 0.0]  # frame 0, row 1, column 2
+    assert coords[12 + 6].tolist() == [2.0, 1.0, 0.5]  # the same place one frame later, at depth s
+    with pytest.raises(ValueError, match=r"grid \(2, 3, 4\) holds 24 tokens but there are 23"):
+        grid_coords((2, 3, 4), 23)
+
+
+def test_temporal_scale_zero_overlays_frames_like_tiles():
+    g = torch.Generator().manual_seed(11)
+    keys, hidden = torch.randn(3 * 16, 8, generator=g), torch.randn(3 * 16, 32, generator=g)
+    for keep in (3, 10, 30):
+        clip = vlm_pruner.select(keys, hidden, (3, 4, 4), keep, temporal_scale=0.0)
+        tiles = vlm_pruner.select(keys, hidden, [(4, 4)] * 3, keep)
+        assert torch.equal(clip[0], tiles[0]) and torch.equal(clip[1], tiles[1])
+        far = vlm_pruner.select(keys, hidden, (3, 4, 4), keep, temporal_scale=1.0)
+        assert len(far[0]) == keep  # the budget is the whole clip's
+
+
+def test_images_ignore_the_temporal_scale():
+    g = torch.Generator().manual_seed(12)
+    keys, hidden = torch.randn(144, 16, generator=g), torch.randn(144, 64, generator=g)
+    a = vlm_pruner.select(keys, hidden, (12, 12), 40, official=True)
+    b = vlm_pruner.select(keys, hidden, (12, 12), 40, official=True, temporal_scale=3.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 # ---------------------------------------------------------------- baselines
@@ -242,6 +297,8 @@ def test_registry_declares_stage_and_signals_and_dispatches():
     (lambda: vlm_pruner.select(torch.randn(5, 2), torch.randn(4, 2), (2, 2), 2), "keys has 5 rows, expected 4"),
     (lambda: vlm_pruner.select(torch.randn(4, 2), torch.randn(4), (2, 2), 2), "hidden must be a 2-D"),
     (lambda: vlm_pruner.select(torch.randn(4, 2), torch.randn(4, 2), (2, 2), 2, chunk=0), "chunk must be"),
+    (lambda: vlm_pruner.select(torch.randn(8, 2), torch.randn(8, 2), (2, 2, 2), 2, temporal_scale=-1),
+     "temporal_scale must be a number >= 0"),
     (lambda: fastv.select(torch.rand(4, 4), 2), "attn_last must be a non-empty 1-D"),
     (lambda: fastv.select(torch.rand(4), -1), "keep must be >= 1"),
     (lambda: divprune.select(torch.rand(4), 2), "features must be a 2-D"),

@@ -5,7 +5,7 @@ import torch
 
 import tiny
 from pruner import PrunedVLM
-from pruner.runtime import collate, generate_tokens, prefill
+from pruner.runtime import collate, generate_tokens
 
 pytestmark = pytest.mark.timeout(300)
 # image size (w, h) -> image_grid_thw the processor makes, and the merged grid the LLM sees
@@ -82,12 +82,7 @@ def test_positions_are_transformers_rope_index(family):
 def test_kept_image_tokens_keep_their_3d_ids(family, method):
     model, proc = family
     vlm = PrunedVLM(model, proc, method=method, keep=5)
-    images, questions = samples(3)
-    prepared = vlm.preprocess(images, questions)
-    batch = collate(vlm.adapter, prepared, vlm.device)
-    with torch.inference_mode():
-        _, state = prefill(vlm.adapter, vlm.plan, batch, room=0)
-    pruned = state.segments[-1].pad
+    prepared, state, pruned = tiny.prefilled(vlm, *samples(3))
     for b, p in enumerate(prepared):
         layout = vlm.adapter.layout(p.input_ids, p.vision)
         start, (h, w) = int(layout.positions[0]), layout.grid
@@ -140,3 +135,36 @@ def test_decode_positions_are_transformers_rope_delta_rule(family, method):
     for step, (mine, ref) in enumerate(zip(decode, theirs[1:])):
         assert torch.equal(mine, ref.expand(3, -1, -1))
         assert torch.equal(mine[0, :, 0], lengths + step + deltas)  # rope_delta = max(ids) + 1 - length
+
+
+def test_video_positions_are_transformers_rope_index(family):
+    """A batch mixing clips (4 and 6 frames: 2 and 3 temporal patches) with an image: each
+    sample's 3-D ids in the padded batch equal `get_rope_index` on the processor's own
+    inputs for it alone (Qwen2.5-VL: with its second_per_grid_ts), and a clip's ids are
+    (start + time, start + row, start + col) on the merged (t, h, w) grid."""
+    model, proc = family
+    vlm = PrunedVLM(model, proc, method="none")
+    items = [tiny.video(0, 4), tiny.image(1, SIZES[1]), tiny.video(2, 6, (60, 100))]
+    questions = tiny.QUESTIONS[:3]
+    prepared = vlm.preprocess(items, questions)
+    batch = collate(vlm.adapter, prepared, vlm.device)
+    width = batch.input_ids.shape[1]
+    for b, (item, question, p) in enumerate(zip(items, questions, prepared)):
+        video = b != 1
+        media = {"videos": [item], "do_sample_frames": False} if video else {"images": [item]}
+        inputs = proc(text=[vlm.adapter.prompt(proc, question, "video" if video else "image")], return_tensors="pt",
+                      **media)
+        grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+        ref, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], **grids)
+        offset = width - len(p.input_ids)
+        assert torch.equal(batch.positions[:, b, offset:], ref[:, 0])
+        if not video:
+            continue
+        layout = vlm.adapter.layout(p.input_ids, p.vision)
+        t, h, w = layout.grid
+        assert (t, layout.frames) == (len(item) // 2, len(item))
+        ids = ref[:, 0, layout.positions] - ref[0, 0, layout.positions[0]]  # [3, t*h*w] from the clip's start
+        times = ids[0].view(t, h * w)
+        assert (times == times[:, :1]).all() and (times[1:, 0] > times[:-1, 0]).all()
+        assert torch.equal(ids[1], torch.arange(h).repeat_interleave(w).repeat(t))
+        assert torch.equal(ids[2], torch.arange(w).repeat(h * t))

@@ -1,4 +1,5 @@
 """Pruned, batched generation against independent paths, for every supported family."""
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
@@ -270,7 +271,8 @@ def test_bad_batches_are_clear_errors(family):
     vlm = PrunedVLM(model, proc, keep=5)
     image = tiny.image(0)
     for images, questions, message in [
-        ([None], ["what ?"], "each question needs a PIL image, got NoneType"),
+        ([None], ["what ?"], "each question needs a PIL image or a video"),
+        ([np.zeros((2, 8, 8, 3))], ["what ?"], "uint8 array [T, H, W, 3]), got array float64 (2, 8, 8, 3)"),
         ([], [], "empty batch"),
         ([image, image], ["what ?"], "got 2 images but 1 questions"),
         ([image], [3], "each question must be a string"),

@@ -14,6 +14,8 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, Lla
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
                           LlavaNextProcessor)
+from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
+                          LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, Qwen2Config, SiglipVisionConfig)
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                           Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -29,12 +31,12 @@ TEMPLATE = (
 )
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(WORDS)}
+def tokenizer(words: list[str] = WORDS, special: dict | None = None) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(words)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+                                   eos_token="</s>", extra_special_tokens=special or {"image_token": "<image>"})
 
 
 def _text_config(**kw) -> LlamaConfig:
@@ -80,6 +82,40 @@ def llava_next(seed: int = 0, tile: int = 56):
     return LlavaNextForConditionalGeneration(cfg).eval(), proc
 
 
+# ---------------------------------------------------------------- LLaVA-OneVision
+
+OV_WORDS = WORDS + ["<video>"]
+OV_TEMPLATE = TEMPLATE.replace("{% else %}{{ c['text'] }}", "{% elif c['type'] == 'video' %}<video> {% else %}{{ c['text'] }}")
+
+
+def llava_onevision(seed: int = 4, tile: int = 84):
+    """LLaVA-OneVision at small size: SigLIP at 84 px, patch 14 -> a 6x6 base tile; up to 2x2
+    or 1x3 high-res tiles, shrunk past `anyres_max_2` (e.g. 250x250: 12x12 -> 8x8); video
+    frames pooled to 3x3; a Qwen2 LLM. Sizes (90, 70), (60, 100), (200, 90), (250, 250)
+    give 90, 106, 126, 108 image placeholders; a T-frame video T * 9 + 1. (Seed 4: at seed 0
+    the test prompts' answers, pruned to 5 tokens, start with EOS, leaving nothing to compare.)"""
+    tok = tokenizer(OV_WORDS, {"image_token": "<image>", "video_token": "<video>"})
+    pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [tile, 3 * tile],
+                 [3 * tile, tile]]
+    proc = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size={"height": tile, "width": tile},
+                                                     image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": tile, "width": tile}),
+        tokenizer=tok, num_image_tokens=(tile // 14) ** 2, vision_feature_select_strategy="full",
+        chat_template=OV_TEMPLATE, vision_aspect_ratio="anyres_max_2")
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(OV_WORDS), max_position_embeddings=1024,
+                       bos_token_id=2, eos_token_id=3, pad_token_id=1, initializer_range=0.3)
+    cfg = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=tile, patch_size=14, vision_use_head=False),
+        text_config=text, image_token_index=OV_WORDS.index("<image>"), video_token_index=OV_WORDS.index("<video>"),
+        image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_2", vision_feature_layer=-1,
+        vision_feature_select_strategy="full")
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(cfg).eval(), proc
+
+
 # ---------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -88,6 +124,7 @@ QWEN_WORDS = WORDS + QWEN_SPECIAL + ["user", "assistant"]
 QWEN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }} "
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
     "{% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
 )
@@ -123,8 +160,10 @@ def _qwen_config(config_cls, vision: dict, tok: PreTrainedTokenizerFast):
 
 
 def _qwen_processor(processor_cls, tok: PreTrainedTokenizerFast):
+    # video frames within 4 to 16 merged tokens each: (90, 70) frames give a 3x4 grid
+    frame_pixels = {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16}
     return processor_cls(image_processor=Qwen2VLImageProcessor(**QWEN_PIXELS), tokenizer=tok,
-                         video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+                         video_processor=Qwen2VLVideoProcessor(size=frame_pixels), chat_template=QWEN_TEMPLATE)
 
 
 def qwen2_vl(seed: int = 0):
@@ -137,10 +176,13 @@ def qwen2_vl(seed: int = 0):
 
 def qwen2_5_vl(seed: int = 0):
     """Qwen2.5-VL at small size: as Qwen2-VL, plus window attention on 2x2-token windows
-    (window_size 56 px) in vision block 0 and full attention in block 1."""
+    (window_size 56 px) in vision block 0 and full attention in block 1; video temporal ids
+    spaced by time."""
     tok = qwen_tokenizer()
+    # tokens_per_second 24: a video's temporal ids step by 24 * second_per_grid_ts (2 / 24 s a
+    # temporal patch at the processor's default 24 fps), not all 0 as at the default 4
     cfg = _qwen_config(Qwen2_5_VLConfig, dict(hidden_size=32, intermediate_size=64, out_hidden_size=64,
-                                              window_size=56, fullatt_block_indexes=[1]), tok)
+                                              window_size=56, fullatt_block_indexes=[1], tokens_per_second=24), tok)
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(cfg).eval(), _qwen_processor(Qwen2_5_VLProcessor, tok)
 
@@ -150,8 +192,27 @@ def image(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
+def video(seed: int, frames: int, size: tuple[int, int] = (90, 70)) -> np.ndarray:
+    """Random uint8 frames [T, H, W, 3] of size (width, height)."""
+    rng = np.random.default_rng(1000 + seed)
+    return rng.integers(0, 255, (frames, size[1], size[0], 3), dtype=np.uint8)
+
+
+def prefilled(vlm, items: list, questions: list[str]):
+    """Prefill one batch with `vlm`'s plan: (prepared samples, state, pad [B, L'] of the
+    pruned prompt entering the layers after pruning)."""
+    from pruner.runtime import collate, prefill
+
+    prepared = vlm.preprocess(items, questions)
+    with torch.inference_mode():
+        _, state = prefill(vlm.adapter, vlm.plan, collate(vlm.adapter, prepared, vlm.device), room=0)
+    return prepared, state, state.segments[-1].pad
+
+
 # family -> builder of (model, processor); a wide initialisation makes greedy outputs vary
-FAMILIES = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+FAMILIES = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision, "qwen2_vl": qwen2_vl,
+            "qwen2_5_vl": qwen2_5_vl}
+VIDEO_FAMILIES = ["llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 
 QUESTIONS = ["what is the colour ?", "what is the shape of the red circle ?", "w1 w2 w3 w4 w5 ?",
              "left ?", "what is the colour of the blue square on the left ?"]

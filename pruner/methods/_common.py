@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# One (H, W) token grid, or several grids whose tokens are concatenated in order
-# (LLaVA-NeXT: base tile, then the high-res grid). Each grid covers the whole image.
-Grid = tuple[int, int] | Sequence[tuple[int, int]]
+# One (H, W) token grid; several (H, W) grids whose tokens are concatenated in order
+# (LLaVA-NeXT / OneVision: base tile, then the high-res grid), each covering the whole
+# image; or one (T, H, W) video grid, frame after frame, each frame row-major.
+Grid = tuple[int, int] | tuple[int, int, int] | Sequence[tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,30 @@ def unit_rows(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def grid_coords(grid: Grid, n: int, device: torch.device | None = None) -> tuple[Tensor, float]:
-    """Row-major (x, y) token coordinates `[N, 2]` and the diagonal that normalizes distances.
+def grid_coords(grid: Grid, n: int, device: torch.device | None = None,
+                temporal_scale: float = 1.0) -> tuple[Tensor, float]:
+    """Token coordinates `[N, 3]` as (x, y, s * t) and the diagonal that normalizes distances.
 
-    With several grids, each is scaled into the frame of the largest one, since every grid
-    covers the same image: a token's coordinates then say where in the image it looks.
+    An image's tokens have t = 0, so distances between them are the plain 2-D grid
+    distances. With several image grids, each is scaled into the frame of the largest one,
+    since every grid covers the same image: a token's coordinates then say where in the
+    image it looks. A video grid (T, H, W) puts frame t at depth s * t (s = temporal_scale),
+    and the diagonal is that of the whole box, sqrt(H^2 + W^2 + (s * T)^2), so normalized
+    distances stay in [0, 1] however long the clip; s = 0 overlays the frames.
     """
+    if _is_video_grid(grid):
+        t, h, w = grid
+        xy, diag = grid_coords((h, w), h * w, device)
+        if t * h * w != n:
+            raise ValueError(f"grid {grid!r} holds {t * h * w} tokens but there are {n} image tokens")
+        depth = temporal_scale * torch.arange(t, device=device).repeat_interleave(h * w).float()  # [N]
+        coords = torch.cat([xy.repeat(t, 1)[:, :2], depth[:, None]], dim=1)  # [N, 3]
+        return coords, math.sqrt(h**2 + w**2 + (temporal_scale * t) ** 2)
     grids = [tuple(grid)] if _is_single_grid(grid) else [tuple(g) for g in grid]
     for g in grids:
         if len(g) != 2 or not all(isinstance(v, int) and v >= 1 for v in g):
-            raise ValueError(f"grid must be (H, W) with positive ints, or a list of them; got {grid!r}")
+            raise ValueError(f"grid must be (H, W) or (T, H, W) with positive ints, or a list of (H, W); "
+                             f"got {grid!r}")
     total = sum(h * w for h, w in grids)
     if total != n:
         raise ValueError(f"grid {grid!r} holds {total} tokens but there are {n} image tokens")
@@ -71,9 +86,14 @@ def grid_coords(grid: Grid, n: int, device: torch.device | None = None) -> tuple
         if (h, w) != (big_h, big_w):
             xy = (xy + 0.5) * torch.tensor([big_w / w, big_h / h]) - 0.5
         parts.append(xy)
-    return torch.cat(parts).to(device), math.sqrt(big_h**2 + big_w**2)
+    xy = torch.cat(parts)  # [N, 2]
+    coords = torch.cat([xy, torch.zeros(n, 1)], dim=1)  # [N, 3], t = 0
+    return coords.to(device), math.sqrt(big_h**2 + big_w**2)
 
 
 def _is_single_grid(grid: Grid) -> bool:
     return isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) for v in grid)
 
+
+def _is_video_grid(grid: Grid) -> bool:
+    return isinstance(grid, tuple) and len(grid) == 3 and all(isinstance(v, int) and v >= 1 for v in grid)

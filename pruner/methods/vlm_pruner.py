@@ -2,7 +2,17 @@
 
 Pivots by key norm and farthest points, then Buffering for Spatial Sparsity (BSS) grows the
 kept set outward in parallel chunks, then Similarity-Weighted Aggregation (SWA) folds each
-dropped token into its most similar kept one. Specification: shared/reference/ALGORITHMS.md.
+dropped token into its most similar kept one.
+
+This project's extension, video: a clip's tokens sit on a (T, H, W) grid, and BSS measures
+how far a candidate is from the kept set in space and time,
+sqrt(dx^2 + dy^2 + (s * dt)^2) with s = `temporal_scale` (default 1: one frame apart counts
+as one token apart; Qwen's time step is one temporal patch of two frames), normalized by
+the diagonal of the whole (s * T, H, W) box so that it stays in [0, 1] as the paper's does.
+s = 0 overlays the frames, as multi-tile images are overlaid; a large s makes another frame
+far away, so selection fills a frame's neighbourhood before moving in time. Images have no
+time axis and are selected exactly as the paper describes. The budget is the whole clip's,
+not a per-frame one.
 """
 from __future__ import annotations
 
@@ -13,7 +23,7 @@ from ._common import Grid, Selection, check_keep, check_matrix, grid_coords, uni
 
 STAGE = "layer"  # runs on layer K-1's signals, inside the LLM
 NEEDS = frozenset({"keys", "hidden"})
-PARAMS = ("official", "pivots", "chunk", "tau", "lam", "channels", "alpha")
+PARAMS = ("official", "pivots", "chunk", "tau", "lam", "channels", "alpha", "temporal_scale")
 TAU_STEP = 0.1
 
 
@@ -30,11 +40,13 @@ def select(
     lam: float = 0.5,
     channels: int = 256,
     alpha: float = 0.3,
+    temporal_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Pick `keep` of the N image tokens; return (indices [k] ascending, merged hidden [k, D]).
 
     keys: [N, Dk] layer K-1 keys after rotary; hidden: [N, D] layer K-1 outputs;
-    grid: (H, W) with H*W == N (or a list of grids, see `grid_coords`).
+    grid: (H, W) with H*W == N, a list of grids, or a video's (T, H, W) (see `grid_coords`);
+    temporal_scale: s in the spatio-temporal distance, video only.
     `official=True` reproduces the reference code: a round that adds nothing ends the
     selection (fewer than `keep` may come back) and keep < pivots still keeps all pivots.
     """
@@ -49,7 +61,9 @@ def select(
         raise ValueError(f"lam must be >= 0, got {lam!r}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    coords, diag = grid_coords(grid, n, hidden.device)
+    if isinstance(temporal_scale, bool) or not isinstance(temporal_scale, (int, float)) or not temporal_scale >= 0:
+        raise ValueError(f"temporal_scale must be a number >= 0, got {temporal_scale!r}")
+    coords, diag = grid_coords(grid, n, hidden.device, float(temporal_scale))
     if keep >= n:
         return torch.arange(n, device=hidden.device), hidden
 
@@ -106,7 +120,7 @@ def _bss(
         nonlocal max_sim, min_dist
         idx = torch.tensor(new, device=dev)
         max_sim = torch.maximum(max_sim, (x @ x[idx].T).max(dim=1).values)
-        grid_dist = (xy[:, None, :] - xy[None, idx, :]).norm(dim=-1)  # [N, new]
+        grid_dist = (xy[:, None, :] - xy[None, idx, :]).norm(dim=-1)  # [N, new]; xy: [N, 3]
         min_dist = torch.minimum(min_dist, grid_dist.min(dim=1).values)
         in_set[idx] = True
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 from .base import Adapter, ImageLayout, Prepared
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
+                                 Qwen2_5_VLAdapter]
 
 
 def adapter_class(model_type: str) -> type[Adapter]:

@@ -1,15 +1,19 @@
 """What the runtime needs to know about a VLM family, and the Llama-style defaults.
 
-An adapter answers three questions for its family: how a (image, question) pair becomes
-tensors (processor only, no model), how image features are computed and where they go in
-the sequence, and which position ids each token has. It reuses the checkpoint's own modules;
-the runtime owns the layer loop, the cache and decoding.
+An adapter answers three questions for its family: how a (image or video, question) pair
+becomes tensors (processor only, no model), how visual features are computed and which
+placeholder tokens they fill, and which position ids each token has. It reuses the
+checkpoint's own modules; the runtime owns the layer loop, the cache and decoding.
+
+A video is already-sampled frames, a uint8 array [T, H, W, 3]; families that take video
+say so with `takes_video` and fill their video placeholders in `features`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -21,16 +25,18 @@ from ..methods import Grid
 class Prepared:
     """One sample after preprocessing: CPU tensors only, made where there is no model."""
 
-    input_ids: Tensor  # [L], image placeholders already expanded
+    input_ids: Tensor  # [L], image or video placeholders already expanded
     vision: dict[str, Tensor] = field(default_factory=dict)  # processor outputs for the vision tower
 
 
 @dataclass
 class ImageLayout:
-    """Where a sample's prunable image tokens sit in its (unpadded) sequence, and their grid."""
+    """Where a sample's prunable visual tokens (an image's or a video's) sit in its
+    (unpadded) sequence, and their grid: (H, W), a list of (H, W), or (T, H, W) for video."""
 
     positions: Tensor  # [N] long, ascending
     grid: Grid
+    frames: int = 0  # video frames the vision tower saw; 0 for an image
 
 
 class Adapter:
@@ -39,6 +45,7 @@ class Adapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     model_class: ClassVar[Any] = None  # the transformers class that loads a checkpoint
+    takes_video: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -50,17 +57,28 @@ class Adapter:
         self.lm_head = model.lm_head
         self.text_config = model.config.text_config
         self.image_token_id = model.config.image_token_id
+        # every placeholder id the vision side fills: never text, and never a decode token
+        self.visual_token_ids: tuple[int, ...] = (self.image_token_id,)
 
     # ------------------------------------------------------------------ preprocessing
 
     @classmethod
-    def prompt(cls, processor: Any, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    def prompt(cls, processor: Any, question: str, kind: str = "image") -> str:
+        """The checkpoint's chat template around one image (kind "image") or video ("video")."""
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
 
     @classmethod
-    def prepare(cls, processor: Any, image: Image.Image, question: str) -> Prepared:
-        out = processor(images=[image], text=[cls.prompt(processor, question)], return_tensors="pt")
+    def prepare(cls, processor: Any, visual: Image.Image | np.ndarray, question: str) -> Prepared:
+        """One sample: an RGB image, or a video as uint8 frames [T, H, W, 3] (taken as given:
+        no frame sampling)."""
+        if isinstance(visual, Image.Image):
+            out = processor(images=[visual], text=[cls.prompt(processor, question)], return_tensors="pt")
+        elif not cls.takes_video:
+            raise ValueError(f"the {cls.model_types[0]} family takes images only, not video")
+        else:
+            out = processor(videos=[visual], text=[cls.prompt(processor, question, "video")], return_tensors="pt",
+                            do_sample_frames=False)
         vision = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and isinstance(v, Tensor)}
         return Prepared(input_ids=out["input_ids"][0], vision=vision)
 
@@ -70,6 +88,13 @@ class Adapter:
         return {k: torch.cat([s.vision[k] for s in samples]) for k in samples[0].vision}
 
     # ------------------------------------------------------------------ model side
+
+    def features(self, vision: dict[str, Tensor]) -> dict[int, Tensor]:
+        """Placeholder token id -> the features of all its placeholders in the batch, in
+        sequence order: [n, D]. Images only here; video families add their video id."""
+        if "pixel_values" not in vision:
+            return {}
+        return {self.image_token_id: torch.cat(self.image_features(vision))}
 
     def image_features(self, vision: dict[str, Tensor]) -> list[Tensor]:
         """Per sample, the embeddings of all its image placeholder tokens, in order: [n_b, D]."""
@@ -82,7 +107,7 @@ class Adapter:
         return list(out.pooler_output)
 
     def layout(self, input_ids: Tensor, vision: dict[str, Tensor]) -> ImageLayout:
-        """Prunable image tokens of one sample (input_ids: [L], unpadded)."""
+        """Prunable visual tokens of one sample (input_ids: [L], unpadded)."""
         positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
         vcfg = self.model.config.vision_config
         side = vcfg.image_size // vcfg.patch_size

@@ -56,7 +56,7 @@ class LlavaNextAdapter(Adapter):
         rows, cols = self.hires_grid(vision["image_sizes"][0])
         base = side * side
         if len(placeholders) != base + rows * (cols + 1):
-            raise ValueError(f"the prompt holds {len(placeholders)} image tokens but LLaVA-NeXT packs "
+            raise ValueError(f"the prompt holds {len(placeholders)} image tokens but {self.model_types[0]} packs "
                              f"{base} base + {rows} x ({cols} + 1 newline) high-res tokens for this image")
         hires = base + torch.arange(rows * (cols + 1)).view(rows, cols + 1)[:, :cols].flatten()
         prunable = torch.cat([torch.arange(base), hires]).to(placeholders.device)
