@@ -7,7 +7,7 @@ from transformers import DynamicCache
 import tiny
 from pruner import PrunedVLM
 from pruner.methods import METHODS, get_method
-from pruner.runtime import Plan, collate, prefill
+from pruner.runtime import collate, prefill
 
 pytestmark = pytest.mark.timeout(300)
 SIZES = [(90, 70), (60, 100), (120, 56)]

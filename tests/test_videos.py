@@ -14,7 +14,7 @@ import pytest
 from pipeline import videos
 from pipeline.demo import clips
 from pipeline.images import BadImage
-from pipeline.videos import BadVideo, decode_video, sample_indices, video_bytes
+from pipeline.videos import BadVideo, decode_video, video_bytes
 
 # Frame i is flat gray 16 * i, so a decoded frame's mean says which frame it is.
 GRAY = np.repeat(16 * np.arange(16, dtype=np.uint8), 32 * 32 * 3).reshape(16, 32, 32, 3)
