@@ -70,7 +70,7 @@ def test_the_job_answers_videos_as_direct_generation_does(local_ray, onevision_d
                              "question": [r["question"] for r in rows]}), tmp_path / "clips.parquet")
     out = tmp_path / "o"
     cfg = JobConfig(model=onevision_dir, input=str(tmp_path / "clips.parquet"), output=str(out), video_column="video",
-                    num_frames=4, max_video_seconds=30, max_image_pixels=100 * 100, keep=12, max_new_tokens=4,
+                    num_frames=4, max_video_seconds=30, max_image_pixels=150 * 150, keep=12, max_new_tokens=4,
                     batch_size=3)
     summary = run(cfg)
     got = {r["id"]: r for r in read_rows(cfg).to_pylist()}
@@ -88,3 +88,18 @@ def test_the_job_answers_videos_as_direct_generation_does(local_ray, onevision_d
         assert (row["answer"], row["frames"], row["image_tokens"], row["image_tokens_kept"]) == \
             (d.text, 4, d.image_tokens, 12)
         assert row["flops_total"] == d.flops.flops_total and row["note"] is None
+
+
+@pytest.mark.slow
+def test_a_folder_of_video_files_is_a_source(local_ray, onevision_dir, tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for r in clips.generate(seed=5, n=2):
+        (folder / f"{r['id']}.mp4").write_bytes(r["video"])
+    (folder / "readme.txt").write_text("not a video")
+    cfg = JobConfig(model=onevision_dir, input=str(folder), output=str(tmp_path / "o"), num_frames=2, keep=4,
+                    max_new_tokens=2)
+    summary = run(cfg)
+    got = read_rows(cfg).to_pylist()
+    assert summary["rows"] == 3 and sorted(r["frames"] or 0 for r in got) == [0, 2, 2]
+    assert sorted(r["error"] is None for r in got) == [False, True, True]
