@@ -7,6 +7,7 @@ this configuration (`pipeline.output` says what the folder holds).
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 import uuid
@@ -122,9 +123,10 @@ def run(cfg: JobConfig) -> dict:
         folder.write_json(out_.MANIFEST, manifest)
         prefix = out_.file_prefix(manifest["job_id"], manifest["runs"])
         start = time.perf_counter()
-        pipeline(cfg, source, cols, done).write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file,
-                                                       filename_provider=_Names(prefix))
-        return write_summary(folder, cfg, manifest, done, time.perf_counter() - start)
+        ds = pipeline(cfg, source, cols, done)
+        ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file, filename_provider=_Names(prefix))
+        wall = time.perf_counter() - start
+        return write_summary(folder, cfg, manifest, done, wall, write_seconds(ds))
 
 
 def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> ray.data.Dataset:
@@ -165,9 +167,52 @@ def actor_threads(cfg: JobConfig, cpus: float) -> int:
     return max(1, int(cpus) // cfg.concurrency)
 
 
-def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out_.Done, wall: float) -> dict:
+def write_seconds(ds: ray.data.Dataset) -> float | None:
+    """The writer's summed task time, from Ray Data's execution stats (None where Ray fused
+    the write into another stage or the stats have another form)."""
+    try:
+        stats = ds.stats()
+    except Exception:
+        return None
+    for block in stats.split("\n\n"):
+        head = block.strip().splitlines()[0] if block.strip() else ""
+        if re.match(r"Operator \d+ Write\b", head):
+            m = re.search(r"Remote wall time: .*?([\d.]+)(us|ms|s) total", block)
+            if m:
+                return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+    return None
+
+
+def stage_seconds(t: out_.Totals, wall: float, actors: int, write: float | None) -> dict:
+    """Where this run's time went: CPU-seconds of preprocessing, the model actors' busy and
+    idle seconds (idle: waiting for input, starting up, loading the model), writing."""
+    busy = t.model_seconds
+    return {"wall": round(wall, 2), "preprocess_cpu": round(t.preprocess_seconds, 2), "model_busy": round(busy, 2),
+            "model_idle": round(max(wall * actors - busy, 0.0), 2), "write": None if write is None else round(write, 2),
+            "model_actors": actors}
+
+
+def bound_by(seconds: dict) -> str:
+    """One line on what bounded the run, for sizing actors and CPU workers."""
+    wall, actors = seconds["wall"], seconds["model_actors"]
+    if wall <= 0:
+        return "nothing to do"
+    busy = seconds["model_busy"] / (wall * actors)
+    prep = seconds["preprocess_cpu"] / wall
+    if busy >= 0.75:
+        return f"bound by the model actor: busy {busy:.0%} of wall (more actors or GPUs would help)"
+    if seconds["preprocess_cpu"] >= seconds["model_busy"]:
+        return (f"bound by preprocessing: {seconds['preprocess_cpu']:.1f} CPU-s ({prep:.1f} cores on average) while "
+                f"the model actor was busy {busy:.0%} of wall (more CPU workers would help)")
+    return (f"bound by start-up and overhead: the model actor was busy {busy:.0%} of wall and idle "
+            f"{seconds['model_idle']:.1f} s (a small run does not amortise Ray and model start-up)")
+
+
+def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out_.Done, wall: float,
+                  write: float | None = None) -> dict:
     """The final state of the folder, and what this run did."""
     t = out_.totals(folder, manifest["job_id"], manifest["runs"])
+    seconds = stage_seconds(t, wall, cfg.concurrency, write)
     foreign = folder.foreign(manifest["job_id"])
     summary = {
         "rows": t.rows,
@@ -181,6 +226,8 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
         "flops_saved_pct": round(100 * (1 - t.flops / t.flops_unpruned), 2) if t.flops_unpruned else None,
         "rows_per_second": round(t.processed / wall, 3) if wall > 0 else None,
         "wall_seconds": round(wall, 2),
+        "seconds": seconds,
+        "bound_by": bound_by(seconds),
         "run": manifest["runs"],
         "limit": cfg.limit,
         "moved_aside": done.moved_aside,
@@ -188,6 +235,8 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
         "config": manifest["config"],
     }
     folder.write_json(out_.SUMMARY, summary)
+    if t.processed:
+        print(summary["bound_by"], file=sys.stderr)
     if t.repeated_ids:
         print(f"warning: {t.repeated_ids} rows repeat another row's id ({cfg.id_column or 'id'}); each input row "
               f"still has its own output row (column input_row)", file=sys.stderr)

@@ -373,6 +373,8 @@ class Totals:
     duplicate_rows: int = 0  # input positions with more than one row (never expected)
     kept_sum: int = 0
     ok: int = 0
+    model_seconds: float = 0.0  # this run's rows: model actor time
+    preprocess_seconds: float = 0.0  # this run's rows: preprocessing CPU time
     flops: int = 0
     flops_unpruned: int = 0
 
@@ -381,7 +383,8 @@ def totals(folder: Folder, job_id: str, run: int) -> Totals:
     t = Totals()
     ids = []  # per file: 64-bit hashes of the ids
     seen = np.zeros(0, bool)  # input positions with a row
-    cols = ["input_row", "id", "error", "image_tokens_kept", "flops_total", "flops_total_unpruned"]
+    cols = ["input_row", "id", "error", "image_tokens_kept", "flops_total", "flops_total_unpruned", "seconds",
+            "preprocess_seconds"]
     for path, table in own_tables(folder, folder.own_files(job_id), cols):
         err = pc.is_valid(table.column("error"))
         n_err = int(pc.sum(err).as_py() or 0)
@@ -390,6 +393,8 @@ def totals(folder: Folder, job_id: str, run: int) -> Totals:
         if run_of(path) == run:
             t.processed += table.num_rows
             t.errors_this_run += n_err
+            t.model_seconds += float(pc.sum(table.column("seconds")).as_py() or 0)
+            t.preprocess_seconds += float(pc.sum(table.column("preprocess_seconds")).as_py() or 0)
         ok = table.filter(pc.invert(err))
         t.ok += ok.num_rows
         for name, attr in (("image_tokens_kept", "kept_sum"), ("flops_total", "flops"),

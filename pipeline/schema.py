@@ -25,7 +25,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("flops_decode", pa.int64()),
     ("flops_total", pa.int64()),
     ("flops_total_unpruned", pa.int64()),
-    ("seconds", pa.float64()),  # the row's share of its batch's wall time
+    ("seconds", pa.float64()),  # the row's share of its batch's time in the model actor
+    ("preprocess_seconds", pa.float64()),  # the row's share of its batch's CPU time in preprocessing
 ])
 OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
 
@@ -33,6 +34,7 @@ OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
 PREPARED = "_prepared"  # safetensors bytes of the preprocessed sample, null when it failed
 ERROR = "_error"
 NOTE = "_note"
+PREP_SECONDS = "_preprocess_seconds"
 
 
 def output_table(rows: dict[str, list], passthrough: pa.Table) -> pa.Table:
