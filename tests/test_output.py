@@ -17,7 +17,7 @@ import ray
 
 from pipeline import output
 from pipeline.config import JobConfig, JobError
-from pipeline.job import read_rows, run
+from pipeline.job import bound_by, read_rows, run, stage_seconds
 from tiny import good_rows, table_of, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +115,18 @@ def test_keep_and_rate_are_resolved_once(model_dir):
     assert os.path.isabs(cfg.input) and os.path.isabs(cfg.output)
 
 
+def test_stage_seconds_add_up_and_name_the_bound():
+    t = output.Totals(model_seconds=18.0, preprocess_seconds=3.0)
+    s = stage_seconds(t, wall=20.0, actors=1, write=0.5)
+    assert s == {"wall": 20.0, "preprocess_cpu": 3.0, "model_busy": 18.0, "model_idle": 2.0, "write": 0.5,
+                 "model_actors": 1}
+    assert bound_by(s) == "bound by the model actor: busy 90% of wall (more actors or GPUs would help)"
+    slow_prep = stage_seconds(output.Totals(model_seconds=4.0, preprocess_seconds=30.0), 20.0, 2, None)
+    assert slow_prep["model_idle"] == 36.0 and bound_by(slow_prep).startswith("bound by preprocessing: 30.0 CPU-s")
+    startup = stage_seconds(output.Totals(model_seconds=5.0, preprocess_seconds=1.0), 20.0, 1, None)
+    assert bound_by(startup).startswith("bound by start-up and overhead: the model actor was busy 25% of wall")
+
+
 # ---------------------------------------------------------------- the job on local Ray
 
 
@@ -159,6 +171,10 @@ def test_foreign_files_are_never_read_moved_or_deleted(local_ray, model_dir, dat
 
     first = run(job(model_dir, data, out, id_column="key"))
     assert (first["rows"], first["processed"], first["skipped"]) == (8, 8, 0)
+    seconds = first["seconds"]  # where the time went: the parts add up to the actors' wall time
+    assert seconds["model_busy"] + seconds["model_idle"] == pytest.approx(seconds["wall"], abs=0.02)
+    assert seconds["model_busy"] == pytest.approx(sum(r["seconds"] for r in rows_of(out)), abs=0.01)
+    assert seconds["preprocess_cpu"] > 0 and first["bound_by"].startswith("bound by")
     assert sorted(first["foreign_files"]) == sorted(before)
     run(job(model_dir, data, out, id_column="key", overwrite=True))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
