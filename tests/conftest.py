@@ -8,14 +8,24 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import the `tiny` model 
 import tiny  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> str:
-    """A tiny random-weight LLaVA checkpoint on disk (84 px: 36 image tokens)."""
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model, proc = tiny.llava()
+def _saved(tmp_path_factory, name: str, builder) -> str:
+    path = tmp_path_factory.mktemp(name)
+    model, proc = builder()
     model.save_pretrained(path)
     proc.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny random-weight LLaVA checkpoint on disk (84 px: 36 image tokens)."""
+    return _saved(tmp_path_factory, "tiny-llava", tiny.llava)
+
+
+@pytest.fixture(scope="session")
+def onevision_dir(tmp_path_factory) -> str:
+    """A tiny random-weight LLaVA-OneVision checkpoint on disk (takes video)."""
+    return _saved(tmp_path_factory, "tiny-onevision", tiny.llava_onevision)
 
 
 @pytest.fixture(scope="module")

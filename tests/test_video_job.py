@@ -1,9 +1,6 @@
 """The caption job on video: the synthetic clips through a tiny random LLaVA-OneVision, one row
 per input row, answers equal to direct generation on the same frames, and every kind of bad
 video an error row in a mixed batch."""
-import io
-
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,28 +12,9 @@ from pipeline.demo import clips
 from pipeline.job import read_rows, run
 from pipeline.videos import decode_video
 from pruner import PrunedVLM
+from tiny import audio_only
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def onevision_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-onevision")
-    model, proc = tiny.llava_onevision()
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return str(path)
-
-
-def audio_only() -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("aac", rate=8000)
-        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        f.sample_rate = 8000
-        c.mux(s.encode(f))
-        c.mux(s.encode())
-    return buf.getvalue()
 
 
 def test_video_flags_are_checked(onevision_dir, model_dir):

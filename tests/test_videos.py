@@ -14,6 +14,7 @@ import pytest
 from pipeline import videos
 from pipeline.demo import clips
 from pipeline.images import BadImage
+from tiny import audio_only
 from pipeline.videos import BadVideo, decode_video, video_bytes
 
 # Frame i is flat gray 16 * i, so a decoded frame's mean says which frame it is.
@@ -50,17 +51,6 @@ def test_fewer_frames_than_asked_uses_them_all_and_says_so():
     clip = decode_video(clips.encode_video(GRAY[:5]), 8)
     assert frame_numbers(clip) == [0, 1, 2, 3, 4]
     assert clip.note == "clip has 5 frames, fewer than the 8 asked: used 5"
-
-
-def audio_only() -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("aac", rate=8000)
-        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        f.sample_rate = 8000
-        c.mux(s.encode(f))
-        c.mux(s.encode())
-    return buf.getvalue()
 
 
 def png() -> bytes:

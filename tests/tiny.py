@@ -253,3 +253,15 @@ def write_parquet(rows: list[dict], path: Path) -> None:
     pq.write_table(table_of(rows), path)
 
 
+def audio_only() -> bytes:
+    """An MP4 with one AAC stream and no video stream."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=8000)
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate = 8000
+        c.mux(s.encode(f))
+        c.mux(s.encode())
+    return buf.getvalue()
