@@ -6,7 +6,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tiny
 from pipeline.config import JobConfig, JobError
 from pipeline.demo import clips
 from pipeline.job import read_rows, run

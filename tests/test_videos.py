@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
