@@ -145,12 +145,7 @@ def plots(results: list[dict], cfg: CompareConfig, answer: str | None, out: Path
     ax.set_xlabel("GFLOPs per sample (own counting: vision + prefill + decode)")
     ax.set_ylabel(ylabel)
     ax.set_title(f"Quality vs compute ({base['rows']} rows; labels: image tokens kept)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    quality_png = out / "quality_vs_flops.png"
-    fig.savefig(quality_png, dpi=110)
-    plt.close(fig)
+    quality_png = _save(fig, ax, out / "quality_vs_flops.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     if base["rows_per_second"]:
@@ -163,13 +158,20 @@ def plots(results: list[dict], cfg: CompareConfig, answer: str | None, out: Path
     ax.set_ylabel("rows/s of one model replica (model stage)")
     ax.set_title("Measured throughput vs budget")
     ax.set_ylim(bottom=0)
+    speed_png = _save(fig, ax, out / "throughput_vs_keep.png")
+    return [quality_png, speed_png]
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """Grid, legend and layout as both plots have them; write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    speed_png = out / "throughput_vs_keep.png"
-    fig.savefig(speed_png, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [quality_png, speed_png]
+    return path
 
 
 NOTES = [  # how the figures are made, all from the per-row outputs in runs/<setting>/
