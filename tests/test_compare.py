@@ -17,10 +17,12 @@ from transformers import AutoConfig
 
 import tiny
 from pipeline import compare as C
-from pipeline.compare import CompareConfig, matches, normalize, recommend
+from pipeline.answers import answers_match, normalize_answer
+from pipeline.compare import CompareConfig, recommend
 from pipeline.demo import EVAL_PARQUET
 from pipeline.images import decode
 from pipeline.job import JobConfig, JobError
+from pipeline.report import COLUMNS
 from pruner import PrunedVLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,13 +46,14 @@ def model_dir(tmp_path_factory) -> str:
     ("don't", "dont"), ("red triangle, orange square", "red triangle orange square"),
     ("2.5", "2.5"), ("1,000", "1000"), ("the end.", "end"), ("t-shirt", "t shirt"), ("", ""), (None, None),
 ])
-def test_normalize(text, want):
-    assert normalize(text) == want
+def test_normalize_answer(text, want):
+    assert normalize_answer(text) == want
 
 
-def test_matches():
-    assert matches("The circle.", "circle") and matches("Two", "2") and not matches("circles", "circle")
-    assert not matches(None, None) and not matches("yes", None)
+def test_answers_match():
+    assert answers_match("The circle.", "circle") and answers_match("Two", "2")
+    assert not answers_match("circles", "circle")
+    assert not answers_match(None, None) and not answers_match("yes", None)
 
 
 def test_recommendation_is_the_cheapest_setting_within_the_drop():
@@ -140,14 +143,15 @@ def recompute(out: Path, model_dir: str, price: float) -> list[dict]:
     for (method, keep), (name, rows) in zip(SETTINGS, runs.items()):
         n = len(rows)
         full = {"none": layers, "vlm-pruner": k, "divprune": 0}[method]
-        right = [normalize(r["answer"]) == normalize(r["answer_gt"]) for r in rows]
+        right = [normalize_answer(r["answer"]) == normalize_answer(r["answer_gt"]) for r in rows]
         pruned = sum(full * paper(r["prompt_tokens"]) + (layers - full) * paper(r["prompt_tokens_kept"]) for r in rows)
         rps = n / sum(r["seconds"] for r in rows)
         summary = json.loads((out / "runs" / name / "_summary.json").read_text())
         groups = sorted({r["question_type"] for r in rows})
         got.append({
             "setting": name, "rows": n, "accuracy_pct": 100 * sum(right) / n,
-            "agreement_pct": 100 * sum(normalize(r["answer"]) == normalize(ref[r["id"]]) for r in rows) / n,
+            "agreement_pct": 100 * sum(normalize_answer(r["answer"]) == normalize_answer(ref[r["id"]])
+                                       for r in rows) / n,
             "image_tokens_kept_mean": sum(r["image_tokens_kept"] for r in rows) / n,
             "gflops_per_sample": sum(r["flops_total"] for r in rows) / n / 1e9,
             "flops_saved_pct": 100 * (1 - sum(r["flops_total"] for r in rows)
@@ -221,7 +225,7 @@ def test_report_figures_recompute_from_rows_and_reruns_reuse_settings(local_ray,
     assert f"**Recommendation: {label[best['setting']]}.**" in report
     tables = md_tables(report)
     main, groups = tables["All settings"], tables["Accuracy (%) by `question_type`"]
-    headers = {h: key for h, key, _ in C.COLUMNS}
+    headers = {h: key for h, key, _ in COLUMNS}
     assert [row["setting"].removesuffix(" **(recommended)**") for row in main] == [label[w["setting"]] for w in want]
     for row, w in zip(main, want):
         assert row["setting"].endswith("(recommended)**") == (w is best)
@@ -276,4 +280,4 @@ def agreement(out: Path, name: str, limit: int) -> float:
     """Agreement with unpruned (%) over the first `limit` input rows, from the Parquet alone."""
     ref, rows = ({r["input_row"]: r["answer"] for r in pq.read_table(sorted((out / "runs" / n).glob("*.parquet")))
                   .to_pylist() if r["input_row"] < limit} for n in ("none", name))
-    return 100 * sum(normalize(a) == normalize(ref[i]) for i, a in rows.items()) / len(rows)
+    return 100 * sum(normalize_answer(a) == normalize_answer(ref[i]) for i, a in rows.items()) / len(rows)

@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.answers import normalize_answer
 from pipeline.demo import EVAL_PARQUET, MODEL_DIR
 from pipeline.demo import scenes as S
 
 COLUMNS = ["id", "image", "question", "answer_gt", "question_type"]
 # Unpruned exact match of the committed model on the last 50 eval rows (rows 0-99 pick the
-# checkpoint during training), issue #6's bar.
+# checkpoint during training): the bar the committed model was trained to clear.
 MIN_MODEL_ACCURACY = 0.80
 
 
@@ -106,8 +107,28 @@ def test_write_hf_dataset(tmp_path):
     assert pq.read_table(tmp_path / "x.parquet").to_pylist() == rows
 
 
+def test_tokenizer_decodes_text_as_written():
+    """Decoding gives the dataset's own text ("orange square, yellow cross"), with the token ids
+    the committed model was trained on; a freshly built tokenizer decodes the same way."""
+    from transformers import AutoProcessor
+
+    from pipeline.demo.modeling import build_tokenizer
+
+    tok = AutoProcessor.from_pretrained(MODEL_DIR).tokenizer
+    caption = "orange square, yellow cross, blue cross, purple triangle"
+    ids = tok(caption, add_special_tokens=False)["input_ids"]
+    assert ids == [20, 26, 35, 31, 12, 35, 9, 12, 35, 21, 29]
+    assert tok.decode(ids) == caption
+    assert build_tokenizer().decode(ids) == caption
+    question = tok("Is there a red circle?")["input_ids"]
+    assert tok.decode(question, skip_special_tokens=True) == "is there a red circle?"
+    answers = pq.read_table(EVAL_PARQUET, columns=["answer_gt"]).column(0).to_pylist()
+    decoded = tok.batch_decode(tok(answers, add_special_tokens=False)["input_ids"])
+    assert decoded == answers
+
+
 def test_normalize_answer():
-    assert S.normalize_answer(" Red circle, Blue  square.") == "red circle blue square"
+    assert normalize_answer(" Red circle, Blue  square.") == "red circle blue square"
 
 
 @pytest.mark.slow
@@ -134,5 +155,5 @@ def test_committed_model_answers_eval_slice():
     for i in range(0, len(rows), 25):
         preds += [g.text for g in vlm.generate(images[i:i + 25], [r["question"] for r in rows[i:i + 25]],
                                                max_new_tokens=24)]
-    hits = [S.normalize_answer(p) == S.normalize_answer(r["answer_gt"]) for p, r in zip(preds, rows)]
+    hits = [normalize_answer(p) == normalize_answer(r["answer_gt"]) for p, r in zip(preds, rows)]
     assert np.mean(hits) >= MIN_MODEL_ACCURACY, list(zip(preds, [r["answer_gt"] for r in rows]))

@@ -1,17 +1,15 @@
-"""jobs/train_demo_model.py's training path on a tiny random model: every answer is trained in
-exactly the state single-question inference sees, background dropping keeps every object at
-its original position, and the question mix is balanced where the issue needs it."""
+"""The demo model's training path (pipeline.demo.train) on a tiny random model: every answer is
+trained in exactly the state single-question inference sees, background dropping keeps every
+object at its original position, existence questions are balanced between yes and no, and the
+shape-ordered caption names shape before colour."""
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.demo import modeling as M
 from pipeline.demo import scenes as S
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import train_demo_model as T  # noqa: E402
+from pipeline.demo import train as T
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -19,9 +17,9 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    tok = T.build_tokenizer()
-    processor = T.build_processor(tok)
-    model = T.build_model(tok, vision_width=32, vision_layers=1, llm_width=64, llm_layers=2).eval()
+    tok = M.build_tokenizer()
+    processor = M.build_processor(tok)
+    model = M.build_model(tok, vision_width=32, vision_layers=1, llm_width=64, llm_layers=2).eval()
     return model, processor, T.Encoder(processor)
 
 
@@ -34,7 +32,7 @@ def _scene_with(n: int, seed: int) -> S.Scene:
 
 def _batch(enc: T.Encoder, scene: S.Scene, turns: list[tuple[str, str]]) -> dict:
     b = {k: v[None] for k, v in enc.encode(turns).items()}  # [1, L]
-    b["pixel_values"] = T.pixel_values([S.render(scene)])
+    b["pixel_values"] = M.pixel_values([S.render(scene)])
     b["patch_labels"] = T.scene_patch_labels(scene)[None]  # [1, 576, 3]
     return b
 
@@ -59,7 +57,7 @@ def test_each_turn_is_trained_as_a_single_question(setup):
     rng = random.Random(2)
     turns = [S.questions(scene, rng, t) for t in ("exists", "shape", "size", "caption")]
     b = _batch(enc, scene, turns)
-    trained = _answer_logits(model, b, T.image_features(model, b["pixel_values"]))
+    trained = _answer_logits(model, b, M.image_features(model, b["pixel_values"]))
     for (question, _), got in zip(turns, trained, strict=True):
         prompt = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
@@ -73,7 +71,7 @@ def test_dropping_background_keeps_every_object_in_place(setup):
     model, _, enc = setup
     scene = _scene_with(5, 3)
     b = _batch(enc, scene, [("list the objects.", S.caption(scene))])
-    img = T.image_features(model, b["pixel_values"])  # [1, 576, D]
+    img = M.image_features(model, b["pixel_values"])  # [1, 576, D]
     obj = (b["patch_labels"][0, :, 0] > 0).nonzero()[:, 0]  # grid indices of object patches
     kept, kept_img = T.drop_background(b, img, 40, enc.image_id, seed=0)
     is_img = kept["input_ids"][0] == enc.image_id

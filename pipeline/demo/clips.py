@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import scenes
-from .scenes import BACKGROUNDS, COLOR_NAMES, COLORS, RADIUS, SHAPES, Obj, _draw, write
+from .scenes import BACKGROUNDS, COLOR_NAMES, COLORS, RADIUS, SHAPE_NAMES, Obj, _draw, write
 
 SIZE = 112  # 8x8 patches of 14 px; a multiple of 16, so yuv420p needs no padding
 FRAMES = 16
@@ -66,7 +66,7 @@ def sample_story(rng: random.Random, max_objects: int = 3) -> Story:
         lo, hi = r + max(0, -dx, -dy) * travel, SIZE - 1 - r - max(0, dx, dy) * travel
         along, across = rng.randint(lo, hi), rng.randint(r, SIZE - 1 - r)
         cx, cy = (along, across) if dx else (across, along)
-        movers.append(Mover(Obj(rng.choice(SHAPES), color, size, cx, cy, r), direction, speed))
+        movers.append(Mover(Obj(rng.choice(SHAPE_NAMES), color, size, cx, cy, r), direction, speed))
     return Story(rng.choice(BACKGROUNDS), tuple(movers))
 
 

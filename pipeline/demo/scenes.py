@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ IMAGE_SIZE = 336
 PATCH = 14
 GRID = IMAGE_SIZE // PATCH  # 24
 
-SHAPES = ("circle", "square", "triangle", "cross")
+SHAPE_NAMES = ("circle", "square", "triangle", "cross")
 # Canonical colour order: captions list objects in this order.
 COLORS = {
     "red": (220, 30, 30),
@@ -63,9 +62,6 @@ class Scene:
     background: tuple[int, int, int]
     objects: tuple[Obj, ...]
 
-    def with_color(self, color: str) -> Obj | None:
-        return next((o for o in self.objects if o.color == color), None)
-
     def with_shape(self, shape: str) -> list[Obj]:
         return [o for o in self.objects if o.shape == shape]
 
@@ -100,7 +96,7 @@ def sample_scene(rng: random.Random, max_objects: int = 5) -> Scene:
             cy += rng.randint(-JITTER, JITTER)
             cells = _cells(cx, cy, r)
             if not cells & taken:
-                placed.append(Obj(rng.choice(SHAPES), color, size, cx, cy, r))
+                placed.append(Obj(rng.choice(SHAPE_NAMES), color, size, cx, cy, r))
                 taken |= cells
                 break
     return Scene(rng.choice(BACKGROUNDS), tuple(placed))
@@ -170,9 +166,9 @@ def questions(scene: Scene, rng: random.Random, qtype: str) -> tuple[str, str] |
         present = {(o.color, o.shape) for o in objs}
         # Hard negatives: share the colour or the shape with an object that is there.
         o = rng.choice(objs)
-        cands = [(o.color, s) for s in SHAPES] + [(c, o.shape) for c in COLOR_NAMES]
+        cands = [(o.color, s) for s in SHAPE_NAMES] + [(c, o.shape) for c in COLOR_NAMES]
         if rng.random() < 0.3:
-            cands = [(c, s) for c in COLOR_NAMES for s in SHAPES]
+            cands = [(c, s) for c in COLOR_NAMES for s in SHAPE_NAMES]
         cands = [p for p in cands if p not in present]
         c, s = rng.choice(cands)
         return f"is there a {c} {s}?", "no"
@@ -195,14 +191,9 @@ def questions(scene: Scene, rng: random.Random, qtype: str) -> tuple[str, str] |
 
 def vocabulary() -> list[str]:
     """Every word the questions and answers can contain (the demo tokenizer's vocabulary)."""
-    words = set(SHAPES) | set(COLOR_NAMES) | set(SIZES) | {"yes", "no"}
+    words = set(SHAPE_NAMES) | set(COLOR_NAMES) | set(SIZES) | {"yes", "no"}
     words |= set("is there a what color shape size the object list objects".split())
     return sorted(words) + ["?", ".", ","]
-
-
-def normalize_answer(text: str) -> str:
-    """Exact-match form: lower-case, punctuation dropped, whitespace collapsed."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def samples(seed: int, n: int, types: tuple[str, ...] = QUESTION_TYPES, max_objects: int = 5):
