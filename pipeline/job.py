@@ -147,14 +147,17 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
     # One model batch per block, so answers stream to the writer as batches finish rather
     # than when a whole input file is done.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    ds = ds.map_batches(prepare, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs={"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir,
-                                   "max_pixels": cfg.max_image_pixels, "num_frames": cfg.num_frames,
-                                   "max_video_seconds": cfg.max_video_seconds})
+    preparing = {"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir, "max_pixels": cfg.max_image_pixels,
+                 "num_frames": cfg.num_frames, "max_video_seconds": cfg.max_video_seconds}
+    inline = cfg.preprocess_in == "actor" or (cfg.preprocess_in == "auto" and gpus == 0)
+    if not inline:
+        ds = ds.map_batches(prepare, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.5,
+                            fn_kwargs=preparing)
     return ds.map_batches(
         Answerer, batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
         num_gpus=gpus, num_cpus=1 if gpus > 0 else min(1.0, cpus / 2),
-        fn_constructor_kwargs={"cfg": cfg, "threads": None if gpus > 0 else actor_threads(cfg, cpus)})
+        fn_constructor_kwargs={"cfg": cfg, "threads": None if gpus > 0 else actor_threads(cfg, cpus),
+                               "preparing": preparing if inline else None})
 
 
 def actor_threads(cfg: JobConfig, cpus: float) -> int:

@@ -166,9 +166,14 @@ def deserialize(data: bytes, question: str, preprocessor: Preprocessor) -> Prepa
 
 
 class Answerer:
-    """A model actor: loads one PrunedVLM, answers batches of prepared rows."""
+    """A model actor: loads one PrunedVLM, answers batches of prepared rows.
 
-    def __init__(self, cfg: JobConfig, threads: int | None = None):
+    On CPU-only nodes it also decodes and preprocesses (`preparing`): separate preprocessing
+    tasks there run on the cores the model's threads use, and torch's threads wait on each
+    other whenever one is descheduled. With GPUs, preprocessing runs in CPU tasks instead,
+    so that the GPU never waits for it."""
+
+    def __init__(self, cfg: JobConfig, threads: int | None = None, preparing: dict | None = None):
         if threads is not None:  # Ray pins OMP_NUM_THREADS to the actor's reserved CPUs
             torch.set_num_threads(threads)
         self.vlm = PrunedVLM.from_pretrained(cfg.model, method=cfg.method, keep=cfg.keep, rate=cfg.rate,
@@ -176,9 +181,12 @@ class Answerer:
         self.cfg = cfg
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
         self.prunes = self.vlm.method.stage != "none"
+        self.preparing = preparing  # set: decode and preprocess here, before the model, as a plain loop would
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
+        if self.preparing is not None:
+            batch = prepare(batch, **self.preparing)
         errors = batch.column(ERROR).to_pylist()
         samples = self._samples(batch, errors)
         results = self._generate(samples)
