@@ -1,6 +1,9 @@
 """The captioning / labeling job as a Ray Data pipeline:
 
-read -> number rows, skip done ones -> ids, decode + preprocess (CPU tasks) -> model actors -> Parquet.
+read -> number rows, skip done ones -> ids, decode + preprocess -> model actors -> Parquet.
+
+Decoding and preprocessing run in CPU tasks where the model actors have GPUs, and inside the
+model actor, before each batch, on CPU-only nodes (see `Answerer`).
 
 Before any work the output folder is checked and locked, and its manifest compared with
 this configuration (`pipeline.output` says what the folder holds).
@@ -53,13 +56,21 @@ def differences(stored: dict, now: dict) -> list[str]:
     return [f"{n}: {stored.get(n)!r} -> {now.get(n)!r}" for n in names]
 
 
+def _configuration(cfg: JobConfig) -> dict:
+    """What the manifest records: the answer-deciding fields and the model's fingerprint."""
+    return {**cfg.answer_config(), "model_fingerprint": model_fingerprint(cfg.model)}
+
+
 def changed(cfg: JobConfig) -> list[str]:
     """How the configuration stored in cfg.output differs from cfg (empty when it does not, or
     when the folder holds no job yet)."""
     stored = out_.Folder(cfg.output).read_json(out_.MANIFEST)
-    if stored is None:
-        return []
-    return differences(stored.get("config", {}), {**cfg.answer_config(), "model_fingerprint": model_fingerprint(cfg.model)})
+    return [] if stored is None else differences(stored.get("config", {}), _configuration(cfg))
+
+
+def _refuse(folder: out_.Folder, diff: list[str]) -> JobError:
+    return JobError(f"{folder.uri} holds a run with another configuration ({'; '.join(diff)}); "
+                    f"pass --overwrite to start over, or use another --output")
 
 
 def read_rows(cfg: JobConfig, columns: list[str] | None = None) -> pa.Table:
@@ -75,13 +86,12 @@ def open_manifest(folder: out_.Folder, cfg: JobConfig) -> dict:
     """The manifest this run writes under: the stored one when the configuration is the same,
     a new one (new job id) for an empty folder or with --overwrite. Raises JobError when the
     folder holds another configuration."""
-    now = {**cfg.answer_config(), "model_fingerprint": model_fingerprint(cfg.model)}
+    now = _configuration(cfg)
     stored = folder.read_json(out_.MANIFEST)
     if stored is not None and not cfg.overwrite:
         diff = differences(stored.get("config", {}), now)
         if diff:
-            raise JobError(f"{folder.uri} holds a run with another configuration ({'; '.join(diff)}); "
-                           f"pass --overwrite to start over, or use another --output")
+            raise _refuse(folder, diff)
         return {**stored, "runs": stored.get("runs", 0) + 1}
     if stored is not None or cfg.overwrite:
         out_.clear(folder, (stored or {}).get("job_id"))
@@ -107,8 +117,9 @@ def run(cfg: JobConfig) -> dict:
     folder = out_.Folder(cfg.output)
     folder.check(cfg.input)  # before Ray starts: nothing is written yet
     out_.Lock(folder).check()
-    if not cfg.overwrite and changed(cfg):
-        open_manifest(folder, cfg)  # raises, naming the fields
+    diff = [] if cfg.overwrite else changed(cfg)
+    if diff:
+        raise _refuse(folder, diff)
     if not ray.is_initialized():
         ray.init(logging_level="ERROR", log_to_driver=False)
     try:
