@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import json
 import os
-import posixpath
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +128,6 @@ class JobConfig:
     def answer_config(self) -> dict[str, Any]:
         """The fields that decide the answers, as JSON-able values (the manifest's config)."""
         return {name: getattr(self, name) for name in ANSWER_FIELDS}
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _at_least(name: str, value: Any, low: int) -> None:
@@ -255,11 +250,3 @@ def job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The JobConfig fields given on the command line."""
     names = {f.name for f in fields(JobConfig)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
-
-
-def config_json(cfg: JobConfig) -> str:
-    return json.dumps(cfg.answer_config(), sort_keys=True)
-
-
-def same_place(a: str, b: str) -> bool:
-    return posixpath.normpath(a) == posixpath.normpath(b)
