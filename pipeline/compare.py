@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import posixpath
 import sys
 import time
@@ -37,6 +36,7 @@ from pruner.methods import METHODS, get_method
 
 from . import job
 from .answers import answers_match
+from .common import filesystem
 from .config import JobConfig, JobError
 from .demo import EVAL_PARQUET, MODEL_DIR
 from .output import SUMMARY
@@ -139,7 +139,7 @@ def input_columns(uri: str) -> list[str] | None:
     """Column names of a Parquet input (file, directory or glob), read with pyarrow alone;
     None for other kinds of input (checked once the runs have them)."""
     try:
-        fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), os.path.abspath(uri))
+        fs, path = filesystem(uri)
         if any(c in path for c in "*?["):
             files = sorted(glob.glob(path)) if isinstance(fs, pafs.LocalFileSystem) else []
             return pq.read_schema(files[0]).names if files else None

@@ -20,6 +20,7 @@ from pruner.methods import METHODS, get_method
 from pruner.models import ADAPTERS, adapter_class
 from pruner.vlm import budget
 
+from .common import first_line
 from .demo import EVAL_PARQUET, MODEL_DIR
 from .images import DEFAULT_MAX_PIXELS
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES
@@ -153,9 +154,9 @@ def model_info(model: str) -> tuple[int, bool]:
         config = AutoConfig.from_pretrained(model)
         adapter = adapter_class(config.model_type)
     except ValueError as e:
-        raise JobError(str(e).splitlines()[0]) from None
+        raise JobError(first_line(e)) from None
     except OSError as e:
-        raise JobError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+        raise JobError(f"cannot load model {model!r}: {first_line(e)}") from None
     return config.get_text_config().num_hidden_layers, adapter.takes_video
 
 

@@ -12,8 +12,9 @@ import warnings
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .common import filesystem, first_line
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -45,11 +46,11 @@ def _read_path(path: str, base_dir: str | None) -> bytes:
     if "://" not in path and not posixpath.isabs(path) and base_dir:
         path = posixpath.join(base_dir, path)
     try:
-        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        fs, inner = filesystem(path)
         with fs.open_input_stream(inner) as f:
             data = f.read()
     except (FileNotFoundError, OSError) as e:
-        raise BadImage(f"cannot read image file {path}: {str(e).splitlines()[0]}") from None
+        raise BadImage(f"cannot read image file {path}: {first_line(e)}") from None
     if not data:
         raise BadImage(f"image file {path} is empty")
     return data
@@ -66,7 +67,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise BadImage(f"image exceeds the pixel limit of {max_pixels:,} (--max-image-pixels)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"corrupt or truncated image: {_first_line(e)}") from None
+        raise BadImage(f"corrupt or truncated image: {first_line(e)}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise BadImage(f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
@@ -76,12 +77,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     try:
         img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad data
-        raise BadImage(f"corrupt or truncated image: {_first_line(e)}") from None
+        raise BadImage(f"corrupt or truncated image: {first_line(e)}") from None
     return to_rgb(ImageOps.exif_transpose(img))
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .common import filesystem, first_line
 from .config import JobError
 
 MANIFEST = "_job.json"
@@ -40,13 +41,6 @@ PARTIAL_DIR = "_partial"
 PREFIX = "labels-"
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 120.0  # a hold from another host with no heartbeat for this long is taken over
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for a local path or any URI (s3://, gs://, ...)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), posixpath.abspath(uri)
 
 
 class Folder:
@@ -145,12 +139,6 @@ def _glob_root(uri: str) -> str:
     """The folder part of a path before any glob character."""
     cut = min((uri.index(c) for c in "*?[" if c in uri), default=None)
     return uri if cut is None else posixpath.dirname(uri[:cut])
-
-
-def first_line(e: BaseException) -> str:
-    """An exception as one line: its message's first line, or its type."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------- one writer at a time

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import ray.data
 
+from .common import filesystem, first_line
+
 
 class SourceError(ValueError):
     """The input cannot be opened: reported as one line before any work starts."""
@@ -57,13 +59,11 @@ def open_source(uri: str, split: str | None = None) -> Source:
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
-    if "://" in uri:
+    if "://" in uri or "/" in uri or uri.endswith(".parquet") or posixpath.exists(uri):
         try:
-            return pafs.FileSystem.from_uri(uri)
+            return filesystem(uri)
         except Exception as e:
-            raise SourceError(f"cannot open {uri}: {str(e).splitlines()[0]}") from None
-    if "/" in uri or uri.endswith(".parquet") or posixpath.exists(uri):
-        return pafs.LocalFileSystem(), posixpath.abspath(uri)
+            raise SourceError(f"cannot open {uri}: {first_line(e)}") from None
     return None, uri  # a bare name: a Hugging Face dataset
 
 
@@ -95,6 +95,6 @@ def _from_hub(name: str, split: str | None) -> ray.data.Dataset:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SourceError(f"input {name!r} is neither a path nor a loadable Hugging Face dataset: {first}") from None
+        raise SourceError(f"input {name!r} is neither a path nor a loadable Hugging Face dataset: "
+                          f"{first_line(e)}") from None
     return ray.data.from_huggingface(ds)

@@ -24,7 +24,7 @@ from pruner.models import Prepared
 
 from .config import DEFAULT_QUESTION, JobConfig
 from .images import BadImage, decode, image_bytes
-from .output import first_line
+from .common import first_line
 from .schema import ERROR, NOTE, OUTPUT_COLUMNS, PREP_SECONDS, PREPARED, output_table
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES, decode_video, video_bytes
 

@@ -19,7 +19,8 @@ from typing import Any
 import av
 import numpy as np
 
-from .images import DEFAULT_MAX_PIXELS, BadImage, _first_line, image_bytes
+from .common import first_line
+from .images import DEFAULT_MAX_PIXELS, BadImage, image_bytes
 
 DEFAULT_NUM_FRAMES = 8
 DEFAULT_MAX_SECONDS = 600.0
@@ -157,7 +158,7 @@ def _count_frames(data: bytes, max_pixels: int,
 
 def _reason(e: av.FFmpegError) -> str:
     """FFmpeg's own words, without PyAV's "[Errno N] ...: '<none>'" wrapping."""
-    return e.strerror or _first_line(e)
+    return e.strerror or first_line(e)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:

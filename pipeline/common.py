@@ -1,0 +1,21 @@
+"""Two helpers every stage of the pipeline uses: a filesystem for any path or URI, and an
+exception as the one line that goes into a row's `error` or a command's error message."""
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow.fs as pafs
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for a local path (made absolute) or any URI
+    that pyarrow knows (s3://, gs://, hdfs://, file://, ...)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), posixpath.abspath(uri)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
