@@ -244,9 +244,10 @@ Observer = Callable[..., AbstractContextManager]
 """A timing hook for `prefill`: `observer(segment, **info)` returns a context manager that
 wraps one segment of the work, entered when it starts and left when it ends:
 
-    observer("layers", layers=range, shape=(B, L))  decoder layers `layers` on B rows of L tokens:
-                                                   those before K on the full prompt, those from
-                                                   K (every layer, unpruned) on the kept one
+    observer("layers", layers=range, shape=(B, L))  decoder layers `layers` on h [B, L, D]: for
+                                                   in-LLM methods 0..K-1 on the whole prompt, then
+                                                   K.. on the kept one; otherwise one segment of
+                                                   every layer (projector-stage: the kept prompt)
     observer("selection")                          the method's selection (its signals and its
                                                    `run`), and FastV's attention row inside layer
                                                    K-1 (so nested in that "layers" segment)
