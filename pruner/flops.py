@@ -106,6 +106,11 @@ class LLMShape:
         return sum(full_layers * self.layer(1, n + j) + (self.layers - full_layers) * self.layer(1, n_kept + j)
                    + self.lm_head() for j in range(1, steps + 1))
 
+    def kv_bytes(self, full_layers: int, n: int, n_kept: int, itemsize: int) -> int:
+        """One sample's KV-cache bytes after prefill: layers < full_layers hold the whole prompt
+        (n), the rest the kept prompt; keys and values of kv_dim each per token and layer."""
+        return 2 * self.kv_dim * itemsize * (full_layers * n + (self.layers - full_layers) * n_kept)
+
     def paper_layer(self, n: int) -> int:
         """PAPER CONVENTION per layer: F(n) = 4 n d^2 + 2 n^2 d + 2 n d m."""
         d, m = self.hidden, self.intermediate
@@ -115,8 +120,11 @@ class LLMShape:
         return full_layers * self.paper_layer(n) + (self.layers - full_layers) * self.paper_layer(n_kept)
 
 
-def full_layers(stage: str, prune_layer: int, num_layers: int) -> int:
-    """How many leading decoder layers see the whole prompt, for a method stage."""
+def full_layers(stage: str, prune_layer: int, num_layers: int, pruned: bool = True) -> int:
+    """How many leading decoder layers see the whole prompt, for a method stage; every layer
+    when the sample was not `pruned` (its budget kept every token)."""
+    if not pruned:
+        return num_layers
     return {"layer": prune_layer, "projector": 0}.get(stage, num_layers)
 
 
@@ -273,7 +281,7 @@ def sample_flops(config: Any, vision: Mapping[str, Tensor] | int, *, prompt_toke
     `stage` is the method's ("none", "projector" or "layer"), `prune_layer` its K."""
     llm = LLMShape.of(config.text_config)
     n, kept = prompt_tokens, prompt_tokens_kept
-    full = full_layers(stage, prune_layer, llm.layers) if kept < n else llm.layers
+    full = full_layers(stage, prune_layer, llm.layers, pruned=kept < n)
     steps = max(generated_tokens - 1, 0)
     vision_part = vision if isinstance(vision, int) else vision_flops(config, vision)
     prefill, decode = llm.prefill(full, n, kept), llm.decode(full, n, kept, steps)

@@ -6,10 +6,14 @@ position ids, merged hidden states where the method merges), re-pads it, and run
 >= K on that shorter batch. Each layer caches only what it saw, so the cache below K holds
 the full prompt and the cache from K on the pruned one. Decoding is unchanged by pruning:
 every layer attends over its own cache with its own padding mask.
+
+`prefill` (and `generate_tokens`, which passes it on) takes an optional `observer`, a
+timing hook in the spirit of gpt-fast's `callback`: see `Observer`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,11 +31,12 @@ from .models import Adapter, Prepared
 
 def _with_last_row(inner: Callable) -> Callable:
     """Wrap an attention function so that one call can also report the last query's
-    attention row (FastV's signal) while attention itself stays SDPA."""
+    attention row (FastV's signal) while attention itself stays SDPA: `pruner_last_row` is
+    called with (module, query, key, mask, scaling) before attention runs."""
 
     def attention(module, query, key, value, attention_mask, *, pruner_last_row=None, **kwargs):
         if pruner_last_row is not None:
-            pruner_last_row.append(last_row_attention(module, query, key, attention_mask, kwargs["scaling"]))
+            pruner_last_row(module, query, key, attention_mask, kwargs["scaling"])
         return inner(module, query, key, value, attention_mask, **kwargs)
 
     return attention
@@ -235,8 +240,29 @@ class State:
     steps: int = 0
 
 
+Observer = Callable[..., AbstractContextManager]
+"""A timing hook for `prefill`: `observer(segment, **info)` returns a context manager that
+wraps one segment of the work, entered when it starts and left when it ends:
+
+    observer("layers", layers=range, shape=(B, L))  decoder layers `layers` on h [B, L, D]: for
+                                                   in-LLM methods 0..K-1 on the whole prompt, then
+                                                   K.. on the kept one; otherwise one segment of
+                                                   every layer (projector-stage: the kept prompt)
+    observer("selection")                          the method's selection (its signals and its
+                                                   `run`), and FastV's attention row inside layer
+                                                   K-1 (so nested in that "layers" segment)
+
+It sees no tensors; a meter synchronizes the device itself. None (the default) costs nothing."""
+
+
+def _observe(observer: Observer | None, segment: str, **info) -> AbstractContextManager:
+    return nullcontext() if observer is None else observer(segment, **info)
+
+
 def run_layers(adapter: Adapter, layers: range, h: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor],
-               cache: KVCache, last_row: list | None = None) -> Tensor:
+               cache: KVCache, last_row: Callable | None = None) -> Tensor:
+    """h: [B, L, D] through `layers`; the last one's attention also calls `last_row` (see
+    `_with_last_row`)."""
     for i in layers:
         extra = {"pruner_last_row": last_row} if last_row is not None and i == layers[-1] else {}
         h = adapter.layers[i](h, attention_mask=mask, position_embeddings=rope, cache=cache, **extra)
@@ -247,9 +273,10 @@ def logits_last(adapter: Adapter, h: Tensor) -> Tensor:
     return adapter.lm_head(adapter.norm(h[:, -1]))  # [B, V]
 
 
-def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int) -> tuple[Tensor, State]:
+def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int,
+            observer: Observer | None = None) -> tuple[Tensor, State]:
     """Run the prompt through the LLM, pruning as `plan` says. Returns last-token logits
-    [B, V] and the decoding state."""
+    [B, V] and the decoding state. `observer` is told of each segment (see `Observer`)."""
     num_layers = len(adapter.layers)
     cache = KVCache(num_layers, room)
     h, pad, positions = batch.embeds, batch.pad, batch.positions
@@ -261,7 +288,8 @@ def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int) -> tuple[Tens
     pruned_positions = None
 
     if stage == "projector":
-        selections = select(plan, batch, {"features": lambda b, cols: h[b, cols]})
+        with _observe(observer, "selection"):
+            selections = select(plan, batch, {"features": lambda b, cols: h[b, cols]})
         keep, h = apply(pad, h, batch.image_positions, selections)
         pad, h, kept_pos = compact(keep, h, positions.movedim(0, 2))
         positions = adapter.projector_positions(kept_pos.movedim(2, 0), pad)
@@ -271,18 +299,27 @@ def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int) -> tuple[Tens
     start = 0
     if stage == "layer":
         k = plan.layer
-        last_row: list[Tensor] = []
+        last_row: list[Tensor] = []  # [B, S], appended by layer K-1's attention
+
+        def row(*args) -> None:
+            with _observe(observer, "selection"):
+                last_row.append(last_row_attention(*args))
+
         needs_row = "attn_last" in plan.method.needs
-        h = run_layers(adapter, range(0, k), h, causal_mask(pad, h.dtype), adapter.rope(h, positions), cache,
-                       last_row if needs_row else None)
+        with _observe(observer, "layers", layers=range(0, k), shape=tuple(h.shape[:2])):
+            h = run_layers(adapter, range(0, k), h, causal_mask(pad, h.dtype), adapter.rope(h, positions), cache,
+                           row if needs_row else None)
         segments.append(Segment(range(0, k), pad))
-        selections = select(plan, batch, _layer_signals(adapter, batch, h, cache.keys[k - 1], last_row))
+        with _observe(observer, "selection"):
+            selections = select(plan, batch, _layer_signals(adapter, batch, h, cache.keys[k - 1], last_row))
         keep, h = apply(pad, h, batch.image_positions, selections)
         pad, h, kept_pos = compact(keep, h, positions.movedim(0, 2))
         positions = pruned_positions = kept_pos.movedim(2, 0)
         start = k
 
-    h = run_layers(adapter, range(start, num_layers), h, causal_mask(pad, h.dtype), adapter.rope(h, positions), cache)
+    with _observe(observer, "layers", layers=range(start, num_layers), shape=tuple(h.shape[:2])):
+        h = run_layers(adapter, range(start, num_layers), h, causal_mask(pad, h.dtype), adapter.rope(h, positions),
+                       cache)
     segments.append(Segment(range(start, num_layers), pad))
     state = State(
         cache=cache, segments=segments, next_position=next_position,
@@ -346,10 +383,12 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
 
 def generate_tokens(adapter: Adapter, plan: Plan, batch: Batch, max_new_tokens: list[int], eos: set[int],
                     temperature: float = 0.0, top_p: float = 1.0,
-                    generator: torch.Generator | None = None) -> tuple[list[list[int]], State]:
-    """Token ids per sample, up to and including its first EOS, at most its max_new_tokens."""
+                    generator: torch.Generator | None = None,
+                    observer: Observer | None = None) -> tuple[list[list[int]], State]:
+    """Token ids per sample, up to and including its first EOS, at most its max_new_tokens.
+    `observer` is passed to `prefill`."""
     limit = torch.tensor(max_new_tokens, device=batch.pad.device)  # [B]
-    logits, state = prefill(adapter, plan, batch, room=max(max_new_tokens))
+    logits, state = prefill(adapter, plan, batch, room=max(max_new_tokens), observer=observer)
     eos_ids = torch.tensor(sorted(eos), device=logits.device)
     out: list[Tensor] = []
     done = limit <= 0

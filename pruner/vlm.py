@@ -104,9 +104,7 @@ class PrunedVLM:
         budget(get_method(method).stage, keep, rate)
         config = AutoConfig.from_pretrained(path)
         adapter = adapter_class(config.model_type)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        device, dtype = placement(device, dtype)
         model = adapter.model_class.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                     attn_implementation="sdpa")
         model = model.to(device).eval()
@@ -164,6 +162,15 @@ class PrunedVLM:
             )
             for b, ids in enumerate(token_ids)
         ]
+
+
+def placement(device: str | torch.device | None = None,
+              dtype: torch.dtype | str | None = None) -> tuple[torch.device, torch.dtype | str]:
+    """Where to load a model: cuda when available, else cpu; bfloat16 on CUDA, float32 on CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
 
 
 def as_visual(x: Any) -> Image.Image | np.ndarray:

@@ -1,7 +1,9 @@
 """jobs/benchmark.py on tiny models: the runtime report has every column and sane values, KV
-bytes read from the runtime's cache equal the formula, the meters and the random-weight
-builder work. The real measurements run in the job, not here."""
+bytes read from the runtime's cache equal the formula, the meters (`pruner.profiling`, the
+prefill meter through prefill's observer) and the random-weight builder work. The real
+measurements run in the job, not here."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,12 +12,13 @@ import torch
 
 import tiny
 from pruner import PrunedVLM
-from pruner.flops import full_layers
+from pruner.benchmark import parse_methods
+from pruner.flops import LLMShape, full_layers
 from pruner.methods import METHODS
+from pruner.profiling import PeakMemory, PrefillMeter, kv_bytes, random_weights
 from pruner.runtime import collate, prefill
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import benchmark  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,13 +33,21 @@ ROW_KEYS = {"method", "keep", "batch", "prompt_tokens", "prompt_tokens_kept", "i
             "selection_runs_s", "e2e_runs_s"}
 
 
+def benchmark(*args: str) -> str:
+    """Run jobs/benchmark.py with `args`; its stdout."""
+    proc = subprocess.run([sys.executable, "jobs/benchmark.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=250)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def report(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    benchmark.main(["--model", model_dir, "--methods", "vlm-pruner,fastv,dart,divprune", "--keeps", "6",
-                    "--batches", "1,2", "--repeats", "2", "--warmup", "1", "--new-tokens", "2",
-                    "--question-tokens", "6", "--target-keep", "6", "--selection-repeats", "2", "--quiet",
-                    "--out", str(out)])
+    benchmark("--model", model_dir, "--methods", "vlm-pruner,fastv,dart,divprune", "--keeps", "6",
+              "--batches", "1,2", "--repeats", "2", "--warmup", "1", "--new-tokens", "2",
+              "--question-tokens", "6", "--target-keep", "6", "--selection-repeats", "2", "--quiet",
+              "--out", str(out))
     return json.loads((out / "runtime.json").read_text()), (out / "runtime.md").read_text()
 
 
@@ -89,24 +100,22 @@ def test_kv_bytes_from_the_cache_equal_the_formula():
                 _, state = prefill(vlm.adapter, vlm.plan, collate(vlm.adapter, samples, vlm.device), room=4)
             n, kept = state.prompt_tokens[0], state.prompt_tokens_kept[0]
             assert kept == n - 36 + (keep or 36)
-            full = full_layers(vlm.method.stage, vlm.prune_layer, text.num_hidden_layers) if kept < n \
-                else text.num_hidden_layers
-            formula = benchmark.kv_bytes_formula(text, full, n, kept, itemsize=4)
-            assert benchmark.kv_bytes(state.cache) == size * formula
+            full = full_layers(vlm.method.stage, vlm.prune_layer, text.num_hidden_layers, pruned=kept < n)
+            formula = LLMShape.of(text).kv_bytes(full, n, kept, itemsize=4)
+            assert kv_bytes(state.cache) == size * formula
 
 
 def test_peak_memory_sees_a_temporary_tensor():
-    with benchmark.PeakMemory(torch.device("cpu")) as mem:
+    with PeakMemory(torch.device("cpu")) as mem:
         x = torch.ones(16, 2**20)  # 64 MiB
-        y = x.sum()
+        x.sum()  # in use a little longer, as a real computation would be
         del x
-    assert y == 16 * 2**20
     assert 60 * 2**20 <= mem.peak <= 200 * 2**20
 
 
 def test_random_weights_match_a_normally_built_model():
     reference, _ = tiny.llava()
-    model = benchmark.random_weights(reference.config, torch.float32, torch.device("cpu"))
+    model = random_weights(reference.config, torch.float32, torch.device("cpu"))
     for (name, a), (_, b) in zip(reference.named_buffers(), model.named_buffers()):
         torch.testing.assert_close(a, b, msg=name)
     params = dict(model.named_parameters())
@@ -120,15 +129,34 @@ def test_random_weights_match_a_normally_built_model():
 
 
 def test_methods_flag_parses_parameters():
-    assert benchmark.parse_methods("vlm-pruner, fastv,vlm-pruner:chunk=1") == [
+    assert parse_methods("vlm-pruner, fastv,vlm-pruner:chunk=1") == [
         ("vlm-pruner", ()), ("fastv", ()), ("vlm-pruner", (("chunk", 1),))]
     with pytest.raises(SystemExit):
-        benchmark.parse_methods("nope")
+        parse_methods("nope")
     with pytest.raises(ValueError):
-        benchmark.parse_methods("fastv:chunk=1")
+        parse_methods("fastv:chunk=1")
 
 
-def test_selection_subcommand_still_runs(capsys):
-    benchmark.main(["selection", "--n", "16", "--dim", "8", "--keeps", "4", "--repeats", "1"])
-    out = capsys.readouterr().out
+def test_selection_subcommand_still_runs():
+    out = benchmark("selection", "--n", "16", "--dim", "8", "--keeps", "4", "--repeats", "1")
     assert "| vlm-pruner chunk=1 |" in out and "| divprune |" in out
+
+
+def test_prefill_meter_sees_each_segment_through_the_observer():
+    """Layers before K on the whole prompt, the selection, layers from K on the kept prompt;
+    unpruned: one segment of every layer and no selection. Nothing is rebound in the runtime."""
+    model, proc = tiny.llava()
+    layers = model.config.text_config.num_hidden_layers
+    for method, keep in (("none", None), ("fastv", 5), ("divprune", 5)):
+        vlm = PrunedVLM(model, proc, method=method, **({} if keep is None else {"keep": keep}))
+        samples = vlm.preprocess([tiny.image(i) for i in range(2)], ["what is the colour ?"] * 2)
+        meter = PrefillMeter(vlm.device)
+        with torch.inference_mode():
+            _, state = prefill(vlm.adapter, vlm.plan, collate(vlm.adapter, samples, vlm.device), room=0,
+                               observer=meter)
+        n, kept = state.prompt_tokens[0], state.prompt_tokens_kept[0]
+        expected = {"none": [(layers, 2, n)], "divprune": [(layers, 2, kept)],
+                    "fastv": [(vlm.prune_layer, 2, n), (layers - vlm.prune_layer, 2, kept)]}[method]
+        assert [s[:3] for s in meter.segments] == expected
+        assert all(s[3] > 0 for s in meter.segments)
+        assert (meter.selection > 0) == (method != "none")

@@ -1,0 +1,414 @@
+"""The runtime benchmark behind `jobs/benchmark.py`: what pruning saves in the real runtime.
+
+For each method x keep against unpruned, at each batch size: prefill and end-to-end seconds
+per sample and the speedup, next to the speedup the FLOPs predict (`pruner.flops`); the
+selection's own time as a fraction of the pruned prefill; peak memory and KV-cache bytes;
+and VLM-Pruner's selection at chunk 16 vs chunk 1 on the model's real layer K-1 signals.
+Settings are measured in interleaved rounds (warm-up rounds, then `repeats` rounds) so that
+load from other processes falls on all of them alike; every figure is the median over
+rounds, spread = max - min. `bench_selection` times each method's selection alone on random
+inputs. The tools (meters, random weights, workload) are in `pruner.profiling`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from .flops import LLMShape, full_layers, sample_flops
+from .methods import METHODS, Signals
+from .profiling import PeakMemory, PrefillMeter, kv_bytes, sync, time_runs, workload
+from .runtime import collate, prefill
+from .vlm import PrunedVLM
+
+# ---------------------------------------------------------------------- selection alone
+
+
+def bench_selection(n: int, dim: int, keeps: list[int], repeats: int, text: int = 60) -> list[dict]:
+    side = int(n**0.5)
+    if side * side != n:
+        raise SystemExit(f"--n must be a square number of tokens (a grid), got {n}")
+    g = torch.Generator().manual_seed(0)
+    signals = Signals(
+        grid=(side, side),
+        keys=torch.randn(n, dim, generator=g), hidden=torch.randn(n, dim, generator=g),
+        hidden_normed=torch.randn(n, dim, generator=g), attn_last=torch.rand(n, generator=g).softmax(0),
+        text_keys=torch.randn(text, dim, generator=g), text_hidden_normed=torch.randn(text, dim, generator=g),
+        features=torch.randn(n, dim, generator=g),
+    )
+    settings = [(name, {}) for name, m in METHODS.items() if m.run is not None]
+    settings.append(("vlm-pruner", {"chunk": 1}))
+    rows = []
+    for name, params in settings:
+        for keep in keeps:
+            median, spread = time_runs(lambda: METHODS[name].run(signals, keep, **params), repeats)
+            label = Setting(name, keep, tuple(params.items())).label
+            rows.append({"method": label, "keep": keep, "ms": median * 1e3, "spread_ms": spread * 1e3})
+    return rows
+
+
+def selection_markdown(rows: list[dict], n: int, dim: int, repeats: int) -> str:
+    """`bench_selection`'s rows as a Markdown table, method x keep."""
+    keeps = list(dict.fromkeys(r["keep"] for r in rows))
+    lines = [f"Selection time, N={n}, D={dim}, CPU threads={torch.get_num_threads()} "
+             f"(cores={os.cpu_count()}), median of {repeats} after a warm-up", "",
+             "| method | " + " | ".join(f"keep {k} (ms)" for k in keeps) + " |",
+             "|---|" + "---|" * len(keeps)]
+    for label in dict.fromkeys(r["method"] for r in rows):
+        cells = [f"{r['ms']:.2f} ± {r['spread_ms'] / 2:.2f}" for r in rows if r["method"] == label]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- runtime: measuring
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row: a method (with parameters) at a budget; method "none" is the baseline."""
+
+    method: str
+    keep: int | None = None
+    params: tuple = ()
+
+    @property
+    def label(self) -> str:
+        return self.method + "".join(f" {k}={v}" for k, v in self.params)
+
+
+def parse_methods(text: str) -> list[tuple[str, tuple]]:
+    """"vlm-pruner,fastv,vlm-pruner:chunk=1" -> [(name, ((param, value), ...)), ...]."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, *params = item.split(":")
+        if name not in METHODS or name == "none":
+            raise SystemExit(f"unknown method {name!r} in --methods; choose from "
+                             f"{', '.join(m for m in METHODS if m != 'none')}")
+        pairs = []
+        for p in params:
+            key, _, value = p.partition("=")
+            pairs.append((key, json.loads(value) if value else True))
+        METHODS[name].check_params(dict(pairs))
+        out.append((name, tuple(pairs)))
+    return out
+
+
+@dataclass
+class Runs:
+    """Raw per-round figures of one setting at one batch size (seconds per batch)."""
+
+    prefill: list[float] = field(default_factory=list)
+    selection: list[float] = field(default_factory=list)
+    end_to_end: list[float] = field(default_factory=list)
+    segments: list[list[tuple]] = field(default_factory=list)  # per round: PrefillMeter.segments
+    peak_prefill: int = 0
+    peak_generate: int = 0
+    kv_bytes: int = 0
+    prompt_tokens: int = 0
+    prompt_tokens_kept: int = 0
+    image_tokens_kept: int = 0
+
+
+def measure_batch(model, processor, settings: list[Setting], images: list, *, prune_layer: int, repeats: int,
+                  warmup: int, new_tokens: int, question_tokens: int, log: Callable[[str], None],
+                  capture: dict | None = None) -> dict[Setting, Runs]:
+    """Interleaved rounds over the settings at one batch size, one sample per image. The
+    first `warmup` (>= 1) rounds are not timed; the first of them measures peak memory and
+    the KV cache instead, so that no timed run carries a memory meter. When `capture` is a
+    dict, the first VLM-Pruner warm-up stores sample 0's real Signals under "signals"."""
+    vlms = {}
+    for s in settings:
+        budget = {} if s.method == "none" else {"keep": s.keep}
+        vlm = PrunedVLM(model, processor, method=s.method, prune_layer=prune_layer, **budget, **dict(s.params))
+        vlm.eos = {-1}  # never stop early: every sample generates exactly new_tokens
+        vlms[s] = vlm
+    any_vlm = next(iter(vlms.values()))
+    device = any_vlm.device
+    samples = workload(any_vlm, images, question_tokens)
+    batch = len(samples)
+    with torch.inference_mode():
+        collated = collate(any_vlm.adapter, samples, device)
+    runs = {s: Runs() for s in settings}
+
+    for round_ in range(warmup + repeats):
+        timed = round_ >= warmup
+        for s, vlm in vlms.items():
+            r = runs[s]
+            plan = vlm.plan
+            if not timed and capture is not None and "signals" not in capture and s.method == "vlm-pruner":
+                plan = dataclasses.replace(plan, method=dataclasses.replace(
+                    plan.method, run=_recording(plan.method.run, capture)))
+            # prefill alone: the batch is collated (vision tower run) outside the timed region
+            mem = PeakMemory(device) if round_ == 0 else nullcontext()
+            meter = PrefillMeter(device)
+            with torch.inference_mode(), mem:
+                sync(device)
+                start = time.perf_counter()
+                _, state = prefill(vlm.adapter, plan, collated, room=new_tokens, observer=meter)
+                sync(device)
+                seconds = time.perf_counter() - start
+            if timed:
+                r.prefill.append(seconds)
+                r.selection.append(meter.selection)
+                r.segments.append(meter.segments)
+            elif round_ == 0:
+                r.peak_prefill = mem.peak
+                r.kv_bytes = kv_bytes(state.cache) // batch
+                r.prompt_tokens = state.prompt_tokens[0]
+                r.prompt_tokens_kept = state.prompt_tokens_kept[0]
+                r.image_tokens_kept = len(state.selections[0].indices)
+            del state
+            # end to end: collate (vision tower) + prefill + new_tokens - 1 decode steps
+            mem = PeakMemory(device) if round_ == 0 else nullcontext()
+            with mem:
+                sync(device)
+                start = time.perf_counter()
+                out = vlm.generate_prepared(samples, new_tokens)
+                sync(device)
+                seconds = time.perf_counter() - start
+            assert all(o.generated_tokens == new_tokens for o in out)
+            if timed:
+                r.end_to_end.append(seconds)
+            elif round_ == 0:
+                r.peak_generate = mem.peak
+            log(f"batch {batch} {'round ' + str(round_ - warmup + 1) if timed else 'warm-up'} {s.label} "
+                f"keep {s.keep}: prefill {r.prefill[-1] if timed else float('nan'):.2f} s, "
+                f"end-to-end {seconds:.2f} s")
+    return runs
+
+
+def _recording(run: Callable, capture: dict) -> Callable:
+    def recording(signals, keep, **params):
+        capture.setdefault("signals", signals)
+        return run(signals, keep, **params)
+    return recording
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    return (statistics.median(xs), max(xs) - min(xs)) if xs else (float("nan"), float("nan"))
+
+
+def summarize(model, runs_by_batch: dict[int, dict[Setting, Runs]], *, prune_layer: int, new_tokens: int,
+              sample_vision: dict) -> list[dict]:
+    """One row per (batch, setting): medians per sample, speedups, FLOPs predictions, memory."""
+    text = model.config.text_config
+    llm = LLMShape.of(text)
+    itemsize = next(model.parameters()).element_size()
+    rows = []
+    for batch, runs in runs_by_batch.items():
+        base = runs[Setting("none")]
+        base_prefill, _ = _stats(base.prefill)
+        base_e2e, _ = _stats(base.end_to_end)
+        for s, r in runs.items():
+            stage = METHODS[s.method].stage
+            n, kept = r.prompt_tokens, r.prompt_tokens_kept
+            full = full_layers(stage, prune_layer, llm.layers, pruned=kept < n)
+            flops = sample_flops(model.config, sample_vision, prompt_tokens=n, prompt_tokens_kept=kept,
+                                 generated_tokens=new_tokens, stage=stage, prune_layer=prune_layer)
+            flops_none = sample_flops(model.config, sample_vision, prompt_tokens=n, prompt_tokens_kept=n,
+                                      generated_tokens=new_tokens, stage="none")
+            prefill, prefill_spread = _stats(r.prefill)
+            e2e, e2e_spread = _stats(r.end_to_end)
+            selection, _ = _stats(r.selection)
+            prefill_speedup = base_prefill / prefill
+            e2e_speedup = base_e2e / e2e
+            predicted_prefill = flops_none.flops_prefill / flops.flops_prefill
+            predicted_e2e = flops.flops_total_unpruned / flops.flops_total
+            rates = _layer_rates(llm, r.segments, n)
+            formula = llm.kv_bytes(full, n, kept, itemsize)
+            formula_none = llm.kv_bytes(llm.layers, n, n, itemsize)
+            rows.append({
+                "method": s.label, "keep": s.keep, "batch": batch,
+                "prompt_tokens": n, "prompt_tokens_kept": kept, "image_tokens_kept": r.image_tokens_kept,
+                "prefill_s": prefill / batch, "prefill_spread_s": prefill_spread / batch,
+                "prefill_speedup": prefill_speedup, "prefill_speedup_flops": predicted_prefill,
+                "prefill_vs_flops": prefill_speedup / predicted_prefill,
+                "e2e_s": e2e / batch, "e2e_spread_s": e2e_spread / batch,
+                "e2e_speedup": e2e_speedup, "e2e_speedup_flops": predicted_e2e,
+                "e2e_vs_flops": e2e_speedup / predicted_e2e,
+                "selection_ms": selection * 1e3,
+                "selection_frac": statistics.median([a / b for a, b in zip(r.selection, r.prefill)]),
+                "layers_full_gflops_per_s": rates["full"], "layers_kept_gflops_per_s": rates["kept"],
+                "peak_prefill_bytes": r.peak_prefill, "peak_generate_bytes": r.peak_generate,
+                "kv_bytes": r.kv_bytes, "kv_bytes_formula": formula,
+                "kv_ratio": r.kv_bytes / base.kv_bytes, "kv_ratio_formula": formula / formula_none,
+                "prefill_runs_s": r.prefill, "selection_runs_s": r.selection, "e2e_runs_s": r.end_to_end,
+            })
+    return rows
+
+
+def _layer_rates(llm, segments_per_round: list[list[tuple]], prompt: int) -> dict[str, float | None]:
+    """Median FLOP rate (GFLOP/s, the measured-style count) of the decoder layers that ran
+    on the full prompt and of those that ran on the kept prompt."""
+    rates: dict[str, list[float]] = {"full": [], "kept": []}
+    for segments in segments_per_round:
+        flops = {"full": 0, "kept": 0}
+        seconds = {"full": 0.0, "kept": 0.0}
+        for layers, batch, tokens, secs in segments:
+            part = "full" if tokens >= prompt else "kept"
+            flops[part] += layers * batch * llm.layer(tokens, tokens)
+            seconds[part] += secs
+        for part in rates:
+            if seconds[part] > 0:
+                rates[part].append(flops[part] / seconds[part] / 1e9)
+    return {part: statistics.median(xs) if xs else None for part, xs in rates.items()}
+
+
+def chunk_comparison(signals: Signals, keeps: list[int], chunks: list[int], repeats: int) -> list[dict]:
+    """VLM-Pruner's selection alone on real signals, per keep and chunk size."""
+    rows = []
+    for keep in keeps:
+        for chunk in chunks:
+            median, spread = time_runs(lambda: METHODS["vlm-pruner"].run(signals, keep, chunk=chunk), repeats)
+            rows.append({"keep": keep, "chunk": chunk, "ms": median * 1e3, "spread_ms": spread * 1e3})
+    return rows
+
+
+# ---------------------------------------------------------------------- the whole run
+
+
+def run(model, processor, name: str, images: Callable[[int], list], *, settings: list[Setting],
+        batches: list[int], prune_layer: int, repeats: int, warmup: int, new_tokens: int, question_tokens: int,
+        chunks: list[int], selection_repeats: int, target_keep: int, log: Callable[[str], None],
+        save: Callable[[dict, str], None] | None = None, started: float | None = None) -> tuple[dict, str]:
+    """Measure `settings` (the first must be Setting("none")) at each batch size on
+    `images(batch)`, and VLM-Pruner's chunk sizes `chunks` (none: skipped). After every batch
+    size, `save(report, markdown)` (so that a killed run keeps what it measured). `started`:
+    when the clock of meta["seconds"] started (default: now). Returns (report, markdown)."""
+    started = time.perf_counter() if started is None else started
+    device = next(model.parameters()).device
+    sample = workload(PrunedVLM(model, processor), images(1), question_tokens)[0]
+    meta = {
+        "model": name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(), "prompt_tokens": len(sample.input_ids),
+        "image_tokens": int((sample.input_ids == model.config.image_token_id).sum()),
+        "new_tokens": new_tokens, "prune_layer": prune_layer, "repeats": repeats,
+        "warmup": warmup, "weights_bytes": sum(p.nbytes for p in model.parameters()),
+        "memory": PeakMemory.method(device), "command": " ".join(sys.argv),
+    }
+    keeps = list(dict.fromkeys(s.keep for s in settings if s.keep is not None))
+    capture: dict = {}
+    chunk_rows: list[dict] = []
+    runs_by_batch = {}
+    for b in batches:
+        runs_by_batch[b] = measure_batch(
+            model, processor, settings, images(b), prune_layer=prune_layer, repeats=repeats, warmup=warmup,
+            new_tokens=new_tokens, question_tokens=question_tokens, log=log, capture=capture if chunks else None)
+        if chunks and "signals" in capture and not chunk_rows:
+            chunk_rows = chunk_comparison(capture["signals"], keeps, chunks, selection_repeats)
+        rows = summarize(model, runs_by_batch, prune_layer=prune_layer, new_tokens=new_tokens,
+                         sample_vision=sample.vision)
+        goals = targets(rows, target_keep)
+        meta["seconds"] = time.perf_counter() - started
+        text = markdown(meta, rows, chunk_rows, goals)
+        report = {"meta": meta, "rows": rows, "chunks": chunk_rows, "targets": goals}
+        if save is not None:
+            save(report, text)
+    return report, text
+
+
+# ---------------------------------------------------------------------- report
+
+
+def targets(rows: list[dict], keep: int, method: str = "vlm-pruner") -> list[dict]:
+    """The issue's targets, where the rows hold what they need."""
+    def row(batch: int, label: str = method) -> dict | None:
+        return next((r for r in rows if r["batch"] == batch and r["method"] == label and
+                     (r["keep"] == keep or label == "none")), None)
+
+    out = []
+    b1, batches = row(1), sorted({r["batch"] for r in rows})
+    if b1:
+        out.append({"target": f"{method} keep {keep}, batch 1: measured prefill speedup >= 0.8 x FLOPs-predicted",
+                    "value": b1["prefill_vs_flops"], "limit": 0.8, "met": b1["prefill_vs_flops"] >= 0.8})
+    for b in batches:
+        r = row(b)
+        if r:
+            out.append({"target": f"{method} keep {keep}, batch {b}: selection <= 5 % of the pruned prefill",
+                        "value": r["selection_frac"], "limit": 0.05, "met": r["selection_frac"] <= 0.05})
+    big = max(batches)
+    if b1 and big > 1 and row(big):
+        for phase in ("e2e", "prefill"):
+            ratio = b1[f"{phase}_s"] / row(big)[f"{phase}_s"]
+            name = "end-to-end" if phase == "e2e" else "prefill"
+            out.append({"target": f"{method} keep {keep}: batch {big} {name} throughput >= 1.3 x batch 1",
+                        "value": ratio, "limit": 1.3, "met": ratio >= 1.3})
+    if b1:
+        err = b1["kv_ratio"] / b1["kv_ratio_formula"] - 1
+        out.append({"target": f"{method} keep {keep}: KV cache / unpruned within 5 % of (K*n + (T-K)*n_kept) / (T*n)",
+                    "value": err, "limit": 0.05, "met": abs(err) <= 0.05,
+                    "detail": f"measured {b1['kv_ratio']:.4f}, formula {b1['kv_ratio_formula']:.4f}"})
+    return out
+
+
+def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]) -> str:
+    mb = 2**20
+    lines = [
+        f"Model: {meta['model']}; {meta['dtype']} on {meta['device']}; torch threads {meta['threads']} "
+        f"(cores {meta['cores']}). Prompt {meta['prompt_tokens']} tokens ({meta['image_tokens']} image), "
+        f"{meta['new_tokens']} new tokens, pruning after layer K-1 (K = {meta['prune_layer']}). "
+        f"Median of {meta['repeats']} interleaved rounds after {meta['warmup']} warm-up round(s); "
+        f"± = half the spread (max - min).",
+        "",
+        "Time, seconds per sample. Speedups against unpruned at the same batch size; FLOPs = the speedup "
+        "`pruner.flops` predicts (measured-style, 2 per multiply-add); meas./FLOPs = how close to that limit. "
+        "Prefill = the LLM on the collated batch; end to end = vision tower + prefill + decode.",
+        "",
+        "| method | keep | batch | prefill s | speedup | FLOPs | meas./FLOPs | end-to-end s | speedup | FLOPs | meas./FLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['keep'] or '-'} | {r['batch']} | {r['prefill_s']:.3f} ± {r['prefill_spread_s'] / 2:.3f} "
+            f"| {r['prefill_speedup']:.2f}x | {r['prefill_speedup_flops']:.2f}x | {r['prefill_vs_flops']:.2f} "
+            f"| {r['e2e_s']:.3f} ± {r['e2e_spread_s'] / 2:.3f} | {r['e2e_speedup']:.2f}x "
+            f"| {r['e2e_speedup_flops']:.2f}x | {r['e2e_vs_flops']:.2f} |")
+    lines += [
+        "",
+        "Selection, layers and memory. Selection = the runtime's `select` (signals + the method) and FastV's "
+        "attention row, per batch, and its share of the pruned prefill. GFLOP/s = the rate at which the decoder "
+        "layers ran on the full prompt (layers < K) and on the kept prompt (layers >= K): where the kept layers "
+        "run slower, the measured speedup falls short of the FLOPs. Peak = most bytes allocated above the weights "
+        f"during prefill / during generate ({meta['memory']}). KV = keys and values cached per sample after "
+        "prefill; ratio to unpruned, measured and from (K*n + (T-K)*n_kept) / (T*n).",
+        "",
+        "| method | keep | batch | selection ms | % of prefill | GFLOP/s full / kept layers | peak MiB prefill "
+        "| peak MiB generate | KV MiB/sample | KV ratio | formula |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rate = " / ".join("-" if r[f"layers_{p}_gflops_per_s"] is None else f"{r[f'layers_{p}_gflops_per_s']:.1f}"
+                          for p in ("full", "kept"))
+        lines.append(
+            f"| {r['method']} | {r['keep'] or '-'} | {r['batch']} | {r['selection_ms']:.1f} | {100 * r['selection_frac']:.2f} % "
+            f"| {rate} "
+            f"| {r['peak_prefill_bytes'] / mb:.0f} | {r['peak_generate_bytes'] / mb:.0f} | {r['kv_bytes'] / mb:.1f} "
+            f"| {r['kv_ratio']:.3f} | {r['kv_ratio_formula']:.3f} |")
+    if chunks:
+        keeps = list(dict.fromkeys(c["keep"] for c in chunks))
+        sizes = list(dict.fromkeys(c["chunk"] for c in chunks))
+        lines += ["", "VLM-Pruner selection alone on the model's real layer K-1 signals (sample 0), ms, "
+                      "median ± half spread:", "",
+                  "| keep | " + " | ".join(f"chunk {c}" for c in sizes) + " | chunk "
+                  f"{sizes[-1]} / chunk {sizes[0]} |", "|---|" + "---|" * (len(sizes) + 1)]
+        for k in keeps:
+            ms = {c["chunk"]: c for c in chunks if c["keep"] == k}
+            cells = [f"{ms[c]['ms']:.1f} ± {ms[c]['spread_ms'] / 2:.1f}" for c in sizes]
+            lines.append(f"| {k} | " + " | ".join(cells) + f" | {ms[sizes[-1]]['ms'] / ms[sizes[0]]['ms']:.2f}x |")
+    if goals:
+        lines += ["", "Targets:", ""]
+        for g in goals:
+            value = f"{100 * g['value']:+.2f} %" if "KV" in g["target"] else (
+                f"{100 * g['value']:.2f} %" if g["limit"] == 0.05 else f"{g['value']:.2f}")
+            detail = f" ({g['detail']})" if "detail" in g else ""
+            lines.append(f"- {'MET' if g['met'] else 'MISSED'}: {g['target']}: {value}{detail}")
+    return "\n".join(lines) + "\n"
