@@ -118,7 +118,6 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--output", default="out/bench-pipeline")
     pipe.add_argument("--threads-per-actor", type=int, help="default: the job's (the node's CPUs)")
     pipe.add_argument("--repeats", type=int, default=3, help="interleaved rounds of loop and job")
-    pipe.add_argument("--preprocess-in", default="auto", choices=["auto", "tasks", "actor"])
     return p
 
 
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_resume(args.rows, args.rows_per_file, args.output), indent=1))
     elif args.what == "pipeline":
         print(json.dumps(bench_pipeline(args.rows, args.batch_size, args.max_new_tokens, args.output,
-                                        args.threads_per_actor, args.repeats, args.preprocess_in), indent=1))
+                                        args.threads_per_actor, args.repeats), indent=1))
     else:
         if args.layers is not None and not args.shape:
             raise SystemExit("--layers needs --shape")

@@ -19,8 +19,7 @@ from .common import filesystem
 
 
 def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
-                   threads_per_actor: int | None = None, repeats: int = 3,
-                   preprocess_in: str = "auto") -> dict:
+                   threads_per_actor: int | None = None, repeats: int = 3) -> dict:
     """The caption job (Ray Data) against a plain loop over the same model, rows, batch size
     and budget, in `repeats` interleaved rounds (loop, then job, each from a cold start).
 
@@ -51,8 +50,7 @@ def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
         loop_end = time.perf_counter()
         del vlm
         cfg = JobConfig(output=output, limit=len(table), batch_size=batch_size, overwrite=True,
-                        max_new_tokens=max_new_tokens, threads_per_actor=threads_per_actor,
-                        preprocess_in=preprocess_in)
+                        max_new_tokens=max_new_tokens, threads_per_actor=threads_per_actor)
         job_start = time.perf_counter()
         ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
         try:
@@ -69,7 +67,7 @@ def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
                        "wall_ratio": round((loop_end - start) / job_wall, 3),
                        "seconds": summary["seconds"], "bound_by": summary["bound_by"]})
     return {"rows": len(table), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-            "torch_threads": torch.get_num_threads(), "actor_threads": threads, "preprocess_in": preprocess_in,
+            "torch_threads": torch.get_num_threads(), "actor_threads": threads,
             **{f"{key}_median": _median([r[key] for r in rounds]) for key in ("rows_per_second_ratio", "wall_ratio")},
             **{f"{key}_spread": [min(r[key] for r in rounds), max(r[key] for r in rounds)]
                for key in ("rows_per_second_ratio", "wall_ratio")},

@@ -67,7 +67,6 @@ class JobConfig:
     threads_per_actor: int | None = None  # torch threads of a CPU actor; None: the node's CPUs / concurrency
     limit: int | None = None  # only the first N input rows
     rows_per_file: int = 512
-    preprocess_in: str = "auto"  # "tasks", "actor", or "auto": the actor on CPU-only actors, tasks with GPUs
     overwrite: bool = False  # start over when the output folder holds another configuration
     retry_errors: bool = True  # rerun rows that ended in error
 
@@ -103,8 +102,6 @@ class JobConfig:
                 _at_least(name, getattr(self, name), 1)
         if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
             raise JobError(f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
-        if self.preprocess_in not in ("auto", "tasks", "actor"):
-            raise JobError(f"--preprocess-in must be auto, tasks or actor, got {self.preprocess_in!r}")
         if not self.temperature >= 0:
             raise JobError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -230,9 +227,6 @@ def _flags() -> list[tuple[str, dict]]:
         ("limit", dict(type=int, help="only the first N input rows")),
         ("rows_per_file", dict(type=int, help=f"rows buffered per output file; a kill loses at most these "
                                               f"(default: {default['rows_per_file']})")),
-        ("preprocess_in", dict(choices=["auto", "tasks", "actor"],
-                               help="where images are decoded and preprocessed: in CPU tasks, or in the model "
-                                    "actor before each batch (auto: the actor on CPU-only nodes, tasks with GPUs)")),
         ("overwrite", dict(action="store_true", help="start over: delete this job's earlier output in --output "
                                                      "(never other files), also when its configuration differs")),
         ("retry_errors", dict(action=argparse.BooleanOptionalAction, help="rerun rows that ended in error "

@@ -2,9 +2,6 @@
 
 read -> number rows, skip done ones -> ids, decode + preprocess -> model actors -> Parquet.
 
-Decoding and preprocessing run in CPU tasks where the model actors have GPUs, and inside the
-model actor, before each batch, on CPU-only nodes (see `Answerer`).
-
 Before any work the output folder is checked and locked, and its manifest compared with
 this configuration (`pipeline.output` says what the folder holds).
 """
@@ -25,7 +22,8 @@ from ray.data.datasource import FilenameProvider
 from . import output as out_
 from .config import ANSWER_FIELDS, JobConfig, JobError, model_fingerprint
 from .sources import Source, SourceError, open_source
-from .stages import Answerer, Columns, Numberer, prepare
+from .numbering import Numberer
+from .stages import Answerer, Columns, prepare
 
 MANIFEST_VERSION = 1
 
@@ -158,17 +156,14 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
     # One model batch per block, so answers stream to the writer as batches finish rather
     # than when a whole input file is done.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    preparing = {"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir, "max_pixels": cfg.max_image_pixels,
-                 "num_frames": cfg.num_frames, "max_video_seconds": cfg.max_video_seconds}
-    inline = cfg.preprocess_in == "actor" or (cfg.preprocess_in == "auto" and gpus == 0)
-    if not inline:
-        ds = ds.map_batches(prepare, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.5,
-                            fn_kwargs=preparing)
+    ds = ds.map_batches(prepare, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.5,
+                        fn_kwargs={"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir,
+                                   "max_pixels": cfg.max_image_pixels, "num_frames": cfg.num_frames,
+                                   "max_video_seconds": cfg.max_video_seconds})
     return ds.map_batches(
         Answerer, batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
         num_gpus=gpus, num_cpus=1 if gpus > 0 else min(1.0, cpus / 2),
-        fn_constructor_kwargs={"cfg": cfg, "threads": None if gpus > 0 else actor_threads(cfg, cpus),
-                               "preparing": preparing if inline else None})
+        fn_constructor_kwargs={"cfg": cfg, "threads": None if gpus > 0 else actor_threads(cfg, cpus)})
 
 
 def actor_threads(cfg: JobConfig, cpus: float) -> int:

@@ -25,7 +25,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("flops_decode", pa.int64()),
     ("flops_total", pa.int64()),
     ("flops_total_unpruned", pa.int64()),
-    ("seconds", pa.float64()),  # the row's share of its batch's time in the model actor (preprocessing there included)
+    ("seconds", pa.float64()),  # the row's share of its batch's time in the model actor
     ("preprocess_seconds", pa.float64()),  # the row's share of its batch's CPU time in preprocessing
 ])
 OUTPUT_COLUMNS = OUTPUT_SCHEMA.names

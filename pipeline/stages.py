@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -24,6 +23,7 @@ from pruner.models import Prepared
 
 from .config import DEFAULT_QUESTION, JobConfig
 from .images import BadImage, decode, image_bytes
+from .numbering import set_column
 from .common import first_line
 from .schema import ERROR, NOTE, OUTPUT_COLUMNS, PREP_SECONDS, PREPARED, output_table
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES, decode_video, video_bytes
@@ -44,36 +44,6 @@ class Columns:
         return self.video or self.image
 
 
-class Numberer:
-    """Gives each input row its position (`input_row`) and drops the rows already done.
-
-    Ray Data has no row index, so one actor counts rows as blocks arrive; the job runs with
-    `preserve_order`, and one caller's tasks run on one actor in submission order, so the
-    count is the row's position in read order, the same on every run over the same input.
-    An actor that Ray restarted (its node was lost) would count from 0 again, so it refuses
-    to work: the job fails, and a rerun resumes, rather than misnumber rows."""
-
-    def __init__(self, done: Any):
-        import ray
-
-        self.done = ray.get(done) if isinstance(done, ray.ObjectRef) else done  # bool [rows done so far]
-        self.next = 0
-        self.restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.restarted:
-            raise RuntimeError("the row-numbering actor was restarted and cannot know the rows' positions; "
-                               "rerun the job to resume")
-        n = batch.num_rows
-        rows = np.arange(self.next, self.next + n, dtype=np.int64)
-        self.next += n
-        batch = _set(batch, "input_row", pa.array(rows))
-        inside = rows < len(self.done)
-        skip = np.zeros(n, bool)
-        skip[inside] = self.done[rows[inside]]
-        return batch.filter(pa.array(~skip)) if skip.any() else batch
-
-
 def assign_ids(batch: pa.Table, cols: Columns) -> pa.Table:
     """Add `id` (string) and `question` (as given, or the default where missing or empty)."""
     n = batch.num_rows
@@ -88,8 +58,8 @@ def assign_ids(batch: pa.Table, cols: Columns) -> pa.Table:
     else:
         images = batch.column(cols.media).to_pylist()
         ids = pa.array([_content_id(img, q) for img, q in zip(images, questions.to_pylist())], pa.string())
-    batch = _set(batch, "id", ids)
-    return _set(batch, "question", questions)
+    batch = set_column(batch, "id", ids)
+    return set_column(batch, "question", questions)
 
 
 def _content_id(image: Any, question: str) -> str:
@@ -102,12 +72,6 @@ def _content_id(image: Any, question: str) -> str:
     h.update(bytes(image or b""))
     h.update(b"\0" + question.encode())
     return h.hexdigest()[:32]
-
-
-def _set(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, values)
-    return table.append_column(name, values)
 
 
 @functools.lru_cache(maxsize=4)
@@ -144,11 +108,11 @@ def prepare(batch: pa.Table, cols: Columns, model_path: str, base_dir: str | Non
             errors.append(f"preprocessing failed: {type(e).__name__}: {first_line(e)}")
         notes.append(note)
     batch = batch.drop_columns([cols.media])
-    batch = _set(batch, PREPARED, pa.array(prepared, pa.binary()))
-    batch = _set(batch, NOTE, pa.array(notes, pa.string()))
+    batch = set_column(batch, PREPARED, pa.array(prepared, pa.binary()))
+    batch = set_column(batch, NOTE, pa.array(notes, pa.string()))
     cpu = (time.process_time() - start) / max(batch.num_rows, 1)
-    batch = _set(batch, PREP_SECONDS, pa.array([cpu] * batch.num_rows, pa.float64()))
-    return _set(batch, ERROR, pa.array(errors, pa.string()))
+    batch = set_column(batch, PREP_SECONDS, pa.array([cpu] * batch.num_rows, pa.float64()))
+    return set_column(batch, ERROR, pa.array(errors, pa.string()))
 
 
 def serialize(p: Prepared) -> bytes:
@@ -166,14 +130,9 @@ def deserialize(data: bytes, question: str, preprocessor: Preprocessor) -> Prepa
 
 
 class Answerer:
-    """A model actor: loads one PrunedVLM, answers batches of prepared rows.
+    """A model actor: loads one PrunedVLM, answers batches of prepared rows."""
 
-    On CPU-only nodes it also decodes and preprocesses (`preparing`): separate preprocessing
-    tasks there run on the cores the model's threads use, and torch's threads wait on each
-    other whenever one is descheduled. With GPUs, preprocessing runs in CPU tasks instead,
-    so that the GPU never waits for it."""
-
-    def __init__(self, cfg: JobConfig, threads: int | None = None, preparing: dict | None = None):
+    def __init__(self, cfg: JobConfig, threads: int | None = None):
         if threads is not None:  # Ray pins OMP_NUM_THREADS to the actor's reserved CPUs
             torch.set_num_threads(threads)
         self.vlm = PrunedVLM.from_pretrained(cfg.model, method=cfg.method, keep=cfg.keep, rate=cfg.rate,
@@ -181,12 +140,9 @@ class Answerer:
         self.cfg = cfg
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
         self.prunes = self.vlm.method.stage != "none"
-        self.preparing = preparing  # set: decode and preprocess here, before the model, as a plain loop would
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
-        if self.preparing is not None:
-            batch = prepare(batch, **self.preparing)
         errors = batch.column(ERROR).to_pylist()
         samples = self._samples(batch, errors)
         results = self._generate(samples)

@@ -242,7 +242,7 @@ def test_the_demo_job_end_to_end_matches_direct_generation(local_ray, tmp_path):
     keep 64; every answer equals PrunedVLM.generate on the same rows."""
     from pipeline.demo import EVAL_PARQUET, MODEL_DIR
 
-    cfg = JobConfig(output=str(tmp_path / "out"), limit=12, preprocess_in="tasks")  # the GPU-node layout
+    cfg = JobConfig(output=str(tmp_path / "out"), limit=12)
     summary = run(cfg)
     assert (summary["rows"], summary["errors"], summary["image_tokens_kept_mean"]) == (12, 0, 64.0)
     assert 0 < summary["flops_saved_pct"] < 100
