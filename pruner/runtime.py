@@ -151,19 +151,19 @@ def collate(adapter: Adapter, samples: list[Prepared], device: torch.device) -> 
     )
 
 
-def compact(keep: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+def compact(kept: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
     """Keep the marked tokens of each row in order, left-padded to the longest row.
-    keep: [B, L] bool; each x: [B, L, ...]. Returns (pad [B, L'], *xs as [B, L', ...])."""
-    counts = keep.sum(dim=1)  # [B]
+    kept: [B, L] bool; each x: [B, L, ...]. Returns (pad [B, L'], *xs as [B, L', ...])."""
+    counts = kept.sum(dim=1)  # [B]
     width = int(counts.max())
-    dest = keep.long().cumsum(dim=1) - 1 + (width - counts)[:, None]  # [B, L] new column
-    rows, cols = keep.nonzero(as_tuple=True)
+    dest = kept.long().cumsum(dim=1) - 1 + (width - counts)[:, None]  # [B, L] new column
+    rows, cols = kept.nonzero(as_tuple=True)
     new_cols = dest[rows, cols]
-    pad = torch.zeros(keep.shape[0], width, dtype=torch.bool, device=keep.device)
+    pad = torch.zeros(kept.shape[0], width, dtype=torch.bool, device=kept.device)
     pad[rows, new_cols] = True
     out = [pad]
     for x in xs:
-        y = x.new_zeros((keep.shape[0], width, *x.shape[2:]))
+        y = x.new_zeros((kept.shape[0], width, *x.shape[2:]))
         y[rows, new_cols] = x[rows, cols]
         out.append(y)
     return tuple(out)
@@ -179,7 +179,7 @@ class Plan:
 
     method: Method
     keep_for: Callable[[int], int]
-    layer: int = 2
+    prune_layer: int = 2
     params: dict = field(default_factory=dict)
 
 
@@ -188,8 +188,8 @@ def select(plan: Plan, batch: Batch, signals: dict[str, Callable[[int, Tensor], 
     out = []
     for b, (cols, grid) in enumerate(zip(batch.image_positions, batch.grids)):
         n = len(cols)
-        k = plan.keep_for(n)
-        if k >= n:
+        budget = plan.keep_for(n)
+        if budget >= n:
             out.append(Selection(torch.arange(n, device=cols.device)))
             continue
         missing = plan.method.needs - signals.keys()
@@ -197,22 +197,22 @@ def select(plan: Plan, batch: Batch, signals: dict[str, Callable[[int, Tensor], 
             raise ValueError(f"method {plan.method.name!r} needs {sorted(missing)}, not available "
                              f"at its stage ({plan.method.stage})")
         sig = Signals(grid=grid, **{name: signals[name](b, cols) for name in plan.method.needs})
-        out.append(plan.method.run(sig, k, **plan.params))
+        out.append(plan.method.run(sig, budget, **plan.params))
     return out
 
 
 def apply(batch_pad: Tensor, hidden: Tensor, image_positions: list[Tensor],
           selections: list[Selection]) -> tuple[Tensor, Tensor]:
-    """Mark dropped image tokens and write merged states: (keep [B, L], hidden [B, L, D])."""
-    keep = batch_pad.clone()
+    """Mark dropped image tokens and write merged states: (kept [B, L], hidden [B, L, D])."""
+    kept = batch_pad.clone()
     hidden = hidden.clone()
     for b, (cols, sel) in enumerate(zip(image_positions, selections)):
-        keep[b, cols] = False
+        kept[b, cols] = False
         kept_cols = cols[sel.indices]
-        keep[b, kept_cols] = True
+        kept[b, kept_cols] = True
         if sel.merged is not None:
             hidden[b, kept_cols] = sel.merged.to(hidden.dtype)
-    return keep, hidden
+    return kept, hidden
 
 
 # ---------------------------------------------------------------------- prefill / decode
@@ -290,15 +290,15 @@ def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int,
     if stage == "projector":
         with _observe(observer, "selection"):
             selections = select(plan, batch, {"features": lambda b, cols: h[b, cols]})
-        keep, h = apply(pad, h, batch.image_positions, selections)
-        pad, h, kept_pos = compact(keep, h, positions.movedim(0, 2))
+        kept, h = apply(pad, h, batch.image_positions, selections)
+        pad, h, kept_pos = compact(kept, h, positions.movedim(0, 2))
         positions = adapter.projector_positions(kept_pos.movedim(2, 0), pad)
         next_position = positions.amax(dim=(0, 2)) + 1
         pruned_positions = positions
 
     start = 0
     if stage == "layer":
-        k = plan.layer
+        K = plan.prune_layer
         last_row: list[Tensor] = []  # [B, S], appended by layer K-1's attention
 
         def row(*args) -> None:
@@ -306,16 +306,16 @@ def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int,
                 last_row.append(last_row_attention(*args))
 
         needs_row = "attn_last" in plan.method.needs
-        with _observe(observer, "layers", layers=range(0, k), shape=tuple(h.shape[:2])):
-            h = run_layers(adapter, range(0, k), h, causal_mask(pad, h.dtype), adapter.rope(h, positions), cache,
+        with _observe(observer, "layers", layers=range(0, K), shape=tuple(h.shape[:2])):
+            h = run_layers(adapter, range(0, K), h, causal_mask(pad, h.dtype), adapter.rope(h, positions), cache,
                            row if needs_row else None)
-        segments.append(Segment(range(0, k), pad))
+        segments.append(Segment(range(0, K), pad))
         with _observe(observer, "selection"):
-            selections = select(plan, batch, _layer_signals(adapter, batch, h, cache.keys[k - 1], last_row))
-        keep, h = apply(pad, h, batch.image_positions, selections)
-        pad, h, kept_pos = compact(keep, h, positions.movedim(0, 2))
+            selections = select(plan, batch, _layer_signals(adapter, batch, h, cache.keys[K - 1], last_row))
+        kept, h = apply(pad, h, batch.image_positions, selections)
+        pad, h, kept_pos = compact(kept, h, positions.movedim(0, 2))
         positions = pruned_positions = kept_pos.movedim(2, 0)
-        start = k
+        start = K
 
     with _observe(observer, "layers", layers=range(start, num_layers), shape=tuple(h.shape[:2])):
         h = run_layers(adapter, range(start, num_layers), h, causal_mask(pad, h.dtype), adapter.rope(h, positions),
