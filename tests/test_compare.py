@@ -15,7 +15,6 @@ import pytest
 import ray
 from transformers import AutoConfig
 
-import tiny
 from pipeline import compare as C
 from pipeline.answers import answers_match, normalize_answer
 from pipeline.compare import CompareConfig, recommend
@@ -26,15 +25,6 @@ from pipeline.report import COLUMNS
 from pruner import PrunedVLM
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model, proc = tiny.llava()  # 36 image tokens per image, 4 layers
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return str(path)
 
 
 # ---------------------------------------------------------------- answers and the rule
