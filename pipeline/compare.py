@@ -31,14 +31,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pruner.flops import LLMShape, full_layers
-from pruner.methods import METHODS, get_method
+from pruner.methods import get_method
 
 from . import job
 from .answers import answers_match
 from .common import filesystem
 from .config import JobConfig, JobError
-from .demo import EVAL_PARQUET, MODEL_DIR
+from .demo import EVAL_PARQUET
 from .output import SUMMARY
 from .report import headline_quality, setting_label, write_report
 
@@ -248,18 +247,8 @@ def accuracy_and_agreement(rows: list[dict], ref: dict[str, str | None], answer:
     }
 
 
-def paper_prefill(config, stage: str, prune_layer: int, n: int, n_kept: int) -> int:
-    """PAPER CONVENTION: LLM prefill, F(n) = 4nd^2 + 2n^2d + 2ndm per layer (pruner.flops)."""
-    llm = LLMShape.of(config.get_text_config())
-    return llm.paper_prefill(full_layers(stage, prune_layer, llm.layers), n, n_kept)
-
-
 def metrics(cfg: CompareConfig, chosen: list[CompareSetting], answer: str | None, group: str | None) -> list[dict]:
     """One dict per setting, every figure from the per-row outputs (and the stored job timing)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(cfg.model or str(MODEL_DIR))
-    k = cfg.job.prune_layer
     by_setting = rows_of(cfg, chosen)
     ref = {r["input_row"]: r["answer"] for r in by_setting[REFERENCE]}
     results = []
@@ -267,9 +256,8 @@ def metrics(cfg: CompareConfig, chosen: list[CompareSetting], answer: str | None
         rows = by_setting[s.name]
         ok = [r for r in rows if r["error"] is None]
         counted = [r for r in ok if r["flops_total"] is not None]
-        stage = METHODS[s.method].stage
-        paper = sum(paper_prefill(config, stage, k, r["prompt_tokens"], r["prompt_tokens_kept"]) for r in ok)
-        paper_full = sum(paper_prefill(config, "none", k, r["prompt_tokens"], r["prompt_tokens"]) for r in ok)
+        paper = sum(r["paper_prefill_flops"] for r in ok)
+        paper_full = sum(r["paper_prefill_flops_unpruned"] for r in ok)
         seconds = sum(r["seconds"] for r in rows)
         timing = _read_json(Path(job_config(cfg, s).output) / TIMING) or {}
         res = {"setting": s.name, "method": s.method, "keep": s.keep, **accuracy_and_agreement(rows, ref, answer),

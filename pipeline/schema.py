@@ -25,6 +25,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("flops_decode", pa.int64()),
     ("flops_total", pa.int64()),
     ("flops_total_unpruned", pa.int64()),
+    ("paper_prefill_flops", pa.int64()),  # the paper's convention: LLM prefill only, F(n) per layer
+    ("paper_prefill_flops_unpruned", pa.int64()),
     ("seconds", pa.float64()),  # the row's share of its batch's time in the model actor
     ("preprocess_seconds", pa.float64()),  # the row's share of its batch's CPU time in preprocessing
 ])

@@ -171,7 +171,9 @@ class Answerer:
                 "generated_tokens": result.generated_tokens, "frames": result.frames,
                 **({} if f is None else {"flops_vision": f.flops_vision, "flops_prefill": f.flops_prefill,
                                          "flops_decode": f.flops_decode, "flops_total": f.flops_total,
-                                         "flops_total_unpruned": f.flops_total_unpruned})}
+                                         "flops_total_unpruned": f.flops_total_unpruned,
+                                         "paper_prefill_flops": f.paper_prefill,
+                                         "paper_prefill_flops_unpruned": f.paper_prefill_unpruned})}
 
     def _samples(self, batch: pa.Table, errors: list[str | None]) -> dict[int, Prepared]:
         """Prepared samples by row; a row whose video the processor refuses gets its error."""

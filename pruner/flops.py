@@ -56,7 +56,13 @@ class Flops:
     flops_decode: int  # the G - 1 decode forwards, LM head on each
     flops_total: int  # vision + prefill + decode
     flops_total_unpruned: int  # the same sample and generated length with no pruning
-    paper_prefill_reduction: float  # PAPER CONVENTION: 1 - pruned / unpruned LLM prefill, in [0, 1)
+    paper_prefill: int  # PAPER CONVENTION: LLM prefill, F(n) per layer, with pruning
+    paper_prefill_unpruned: int  # PAPER CONVENTION: the same without pruning
+
+    @property
+    def paper_prefill_reduction(self) -> float:
+        """PAPER CONVENTION: 1 - pruned / unpruned LLM prefill, in [0, 1)."""
+        return 1 - self.paper_prefill / self.paper_prefill_unpruned
 
 
 # ---------------------------------------------------------------------- LLM
@@ -286,10 +292,9 @@ def sample_flops(config: Any, vision: Mapping[str, Tensor] | int, *, prompt_toke
     vision_part = vision if isinstance(vision, int) else vision_flops(config, vision)
     prefill, decode = llm.prefill(full, n, kept), llm.decode(full, n, kept, steps)
     unpruned = vision_part + llm.prefill(llm.layers, n, n) + llm.decode(llm.layers, n, n, steps)
-    paper = 1 - llm.paper_prefill(full, n, kept) / llm.paper_prefill(llm.layers, n, n)
     return Flops(flops_vision=vision_part, flops_prefill=prefill, flops_decode=decode,
                  flops_total=vision_part + prefill + decode, flops_total_unpruned=unpruned,
-                 paper_prefill_reduction=paper)
+                 paper_prefill=llm.paper_prefill(full, n, kept), paper_prefill_unpruned=llm.paper_prefill(llm.layers, n, n))
 
 
 # ---------------------------------------------------------------------- shapes

@@ -328,7 +328,7 @@ def test_llava_1_5_7b_by_hand():
 def test_flops_fields_and_cli(capsys):
     assert [f for f in Flops.__dataclass_fields__] == [
         "flops_vision", "flops_prefill", "flops_decode", "flops_total", "flops_total_unpruned",
-        "paper_prefill_reduction"]
+        "paper_prefill", "paper_prefill_unpruned"]
     main(["--shape", "llava-1.5-7b", "--question-tokens", "60", "--generated", "32"])
     out = capsys.readouterr().out
     assert "keep 64" in out and "74.81%" in out and "paper" in out
