@@ -1,5 +1,6 @@
-"""Two helpers every stage of the pipeline uses: a filesystem for any path or URI, and an
-exception as the one line that goes into a row's `error` or a command's error message."""
+"""Helpers several parts of the pipeline use: a filesystem for any path or URI, an exception
+as the one line that goes into a row's `error` or a command's error message, and the one
+definition of "% saved"."""
 from __future__ import annotations
 
 import posixpath
@@ -19,3 +20,8 @@ def first_line(e: BaseException) -> str:
     """An exception as one line: its message's first line, or its type when it has none."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def saved_pct(cost: float, baseline: float) -> float | None:
+    """How much less `cost` is than `baseline`, in % (None without a baseline)."""
+    return 100 * (1 - cost / baseline) if baseline else None

@@ -35,7 +35,7 @@ from pruner.methods import get_method
 
 from . import job
 from .answers import answers_match
-from .common import filesystem
+from .common import filesystem, saved_pct
 from .config import JobConfig, JobError
 from .demo import EVAL_PARQUET
 from .output import SUMMARY
@@ -264,10 +264,10 @@ def metrics(cfg: CompareConfig, chosen: list[CompareSetting], answer: str | None
                "errors": len(rows) - len(ok),
                "image_tokens_kept_mean": _mean([r["image_tokens_kept"] for r in ok]),
                "gflops_per_sample": _mean([r["flops_total"] / 1e9 for r in counted]),
-               "flops_saved_pct": (100 * (1 - sum(r["flops_total"] for r in counted)
-                                          / sum(r["flops_total_unpruned"] for r in counted))) if counted else None,
+               "flops_saved_pct": saved_pct(sum(r["flops_total"] for r in counted),
+                                            sum(r["flops_total_unpruned"] for r in counted)),
                "paper_prefill_gflops_per_sample": paper / 1e9 / len(ok) if ok else None,
-               "paper_prefill_reduction_pct": 100 * (1 - paper / paper_full) if paper_full else None,
+               "paper_prefill_reduction_pct": saved_pct(paper, paper_full),
                "rows_per_second": len(rows) / seconds if seconds > 0 else None,
                "job_rows_per_second": timing.get("job_rows_per_second"),
                "job_wall_seconds": timing.get("job_wall_seconds"),

@@ -20,6 +20,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.datasource import FilenameProvider
 
 from . import output as out_
+from .common import saved_pct
 from .config import ANSWER_FIELDS, JobConfig, JobError, model_fingerprint
 from .sources import Source, SourceError, open_source
 from .numbering import Numberer
@@ -232,7 +233,7 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
         "skipped": done.in_scope(cfg.limit),
         "repeated_ids": t.repeated_ids,
         "image_tokens_kept_mean": round(t.kept_sum / t.ok, 3) if t.ok else None,
-        "flops_saved_pct": round(100 * (1 - t.flops / t.flops_unpruned), 2) if t.flops_unpruned else None,
+        "flops_saved_pct": None if not t.flops_unpruned else round(saved_pct(t.flops, t.flops_unpruned), 2),
         "rows_per_second": round(t.processed / wall, 3) if wall > 0 else None,
         "wall_seconds": round(wall, 2),
         "seconds": seconds,
