@@ -413,7 +413,8 @@ def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]
             f"| {r['method']} | {_budget_cell(r)} | {r['batch']} | {r['prefill_s']:.3f} ± {r['prefill_spread_s'] / 2:.3f} "
             f"| {r['prefill_speedup']:.2f}x | {r['prefill_speedup_flops']:.2f}x | {r['prefill_vs_flops']:.2f} "
             + (f"| {r['e2e_s']:.3f} ± {r['e2e_spread_s'] / 2:.3f} | {r['e2e_speedup']:.2f}x "
-               f"| {r['e2e_speedup_flops']:.2f}x | {r['e2e_vs_flops']:.2f} |" if r["e2e_runs_s"] else "| - | - | - | - |"))
+               f"| {r['e2e_speedup_flops']:.2f}x | {r['e2e_vs_flops']:.2f} |"
+               if r["e2e_runs_s"] else "| - | - | - | - |"))  # prefill only
     lines += [
         "",
         "Selection, layers and memory. Selection = the runtime's `select` (signals + the method) and FastV's "
