@@ -2,17 +2,22 @@
 `pruner.benchmark` (runtime, selection) and `pipeline.benchmarks` (resume, pipeline).
 
     python jobs/benchmark.py runtime [--shape llava-1.5-7b --layers 4 | --model PATH] [--out DIR]
+    python jobs/benchmark.py runtime --shape llava-video-7b --layers 4 --frames 32 --random-features \
+        --methods vlm-pruner --rates 0.889 --batches 1 --new-tokens 0
     python jobs/benchmark.py selection [--n 576 --dim 4096 --keeps 192,128,64 --repeats 7]
 
 `runtime` (the default when no subcommand is given): what pruning saves in the real runtime,
-each method x keep against unpruned at each batch size, in interleaved rounds (a warm-up,
+each method x budget against unpruned at each batch size, in interleaved rounds (a warm-up,
 then `--repeats`; medians, spread = max - min): prefill and end-to-end seconds per sample and
 speedups next to the FLOPs-predicted ones, the selection's share of the pruned prefill, peak
 memory, KV-cache bytes, and VLM-Pruner's selection at chunk 16 vs 1 on the model's real layer
-K-1 signals. Prints a Markdown report; writes runtime.json + runtime.md under --out (a folder
-or a pyarrow URI such as s3://bucket/prefix). `--shape llava-1.5-7b --layers L`: random
-weights with LLaVA-1.5-7B's widths (CLIP ViT-L/14-336, Llama-7B), the LLM cut to L layers (no
-download), and the demo model's processor (336 px, 576 image tokens, word-level tokenizer).
+K-1 signals. Prints Markdown; writes runtime.json + runtime.md under --out (folder or pyarrow
+URI). `--shape S --layers L`: random weights at checkpoint S's widths (`pruner.flops.SHAPES`),
+the LLM cut to L layers, no download; llava-1.5-7b with the demo model's processor,
+llava-video-7b (SigLIP-so400m, Qwen2-7B) with LLaVA-OneVision's around a word-level tokenizer.
+`--frames T`: random T-frame clips in place of images (T * 196 + 1 tokens at 384 px).
+`--random-features`: random vision-tower outputs in place of the tower (SigLIP on 32 frames
+is too slow on CPU); projector and pooling still run; prefill timing is unaffected.
 
 `selection` times each method's token selection alone on random inputs shaped like
 LLaVA-1.5-7B's layer-2 signals, and VLM-Pruner with chunk 16 vs chunk 1.
@@ -31,27 +36,32 @@ import torch  # noqa: E402
 
 from pipeline.benchmarks import bench_pipeline, bench_resume, scene_images, write_report  # noqa: E402
 from pruner import benchmark  # noqa: E402
+from pruner.flops import SHAPES  # noqa: E402
+from pruner.profiling import random_clips  # noqa: E402
 
 
 def load(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
-    """(model, processor, name): --shape's random weights with the demo model's processor, or
-    the --model checkpoint (default: the demo model) as PrunedVLM.from_pretrained loads it."""
+    """(model, processor, name): --shape's random weights, or the --model checkpoint (default:
+    the demo model) as PrunedVLM.from_pretrained loads it; --random-features: no vision tower."""
     from transformers import AutoProcessor
 
     from pipeline.demo import MODEL_DIR
     from pruner import PrunedVLM
-    from pruner.profiling import random_model
+    from pruner.profiling import random_model, random_vision_tower, shape_processor
     from pruner.vlm import placement
 
     device, dtype = placement(args.device, args.dtype and getattr(torch, args.dtype))
     if args.shape:
-        processor = AutoProcessor.from_pretrained(MODEL_DIR)
+        processor = shape_processor(args.shape) or AutoProcessor.from_pretrained(MODEL_DIR)
         model = random_model(args.shape, args.layers, processor, dtype, device, args.seed)
-        layers = model.config.text_config.num_hidden_layers
-        return model, processor, f"random {args.shape} widths, LLM cut to {layers} layers"
-    path = args.model or str(MODEL_DIR)
-    vlm = PrunedVLM.from_pretrained(path, method="none", dtype=dtype, device=device)
-    return vlm.model, vlm.preprocessor.processor, path if args.model else f"demo model ({path})"
+        name = f"random {args.shape} widths, LLM cut to {model.config.text_config.num_hidden_layers} layers"
+    else:
+        path = args.model or str(MODEL_DIR)
+        vlm = PrunedVLM.from_pretrained(path, method="none", dtype=dtype, device=device)
+        model, processor, name = vlm.model, vlm.preprocessor.processor, args.model or f"demo model ({path})"
+    if args.random_features:
+        return random_vision_tower(model, args.seed), processor, name + ", random features for the vision tower"
+    return model, processor, name
 
 
 def run_runtime(args: argparse.Namespace) -> dict:
@@ -59,10 +69,13 @@ def run_runtime(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model, processor, name = load(args)
     log(f"model ready in {time.perf_counter() - start:.1f} s: {name}")
-    methods, keeps = benchmark.parse_methods(args.methods), [int(k) for k in args.keeps.split(",")]
+    methods, rates = benchmark.parse_methods(args.methods), [float(r) for r in (args.rates or "").split(",") if r]
+    budgets = [(int(k), None) for k in (args.keeps or ("" if rates else "192,128,64")).split(",") if k]
+    budgets += [(None, r) for r in rates]
+    images = (lambda n: random_clips(n, args.frames, seed=args.seed)) if args.frames else scene_images
     report, text = benchmark.run(
-        model, processor, name, scene_images,
-        settings=[benchmark.Setting("none")] + [benchmark.Setting(m, k, p) for m, p in methods for k in keeps],
+        model, processor, name, images, target_rate=rates[0] if rates else None,
+        settings=[benchmark.Setting("none")] + [benchmark.Setting(m, k, p, r) for m, p in methods for k, r in budgets],
         batches=[int(b) for b in args.batches.split(",")], prune_layer=args.prune_layer, repeats=args.repeats,
         warmup=args.warmup, new_tokens=args.new_tokens, question_tokens=args.question_tokens,
         chunks=[int(c) for c in args.chunks.split(",") if c], selection_repeats=args.selection_repeats,
@@ -78,23 +91,24 @@ def parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("runtime", help="measured speed, memory and selection overhead against the FLOPs limit")
     source = rt.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint path or name (default: the bundled demo model)")
-    source.add_argument("--shape", choices=["llava-1.5-7b"],
-                        help="random weights with this checkpoint's widths (no download)")
+    source.add_argument("--shape", choices=sorted(SHAPES), help="random weights at this checkpoint's widths")
     rt.add_argument("--layers", type=int, help="with --shape: LLM layers (default: the checkpoint's)")
     rt.add_argument("--methods", default="vlm-pruner,fastv,dart,divprune",
                     help="comma-separated; parameters after colons, e.g. vlm-pruner:chunk=1 (default: %(default)s)")
-    rt.add_argument("--keeps", default="192,128,64")
+    rt.add_argument("--keeps", help="image tokens kept, comma-separated (default: 192,128,64 unless --rates)")
+    rt.add_argument("--rates", help="pruning rates, e.g. 0.889 (kept = round(N * (1 - rate))); targets at the first")
+    rt.add_argument("--frames", type=int, help="random clips of this many frames (384 px) in place of images")
+    rt.add_argument("--random-features", action="store_true", help="random tower outputs in place of the tower")
     rt.add_argument("--batches", default="1,8")
     rt.add_argument("--prune-layer", type=int, default=2, help="K: in-LLM methods prune after layer K-1")
     rt.add_argument("--repeats", type=int, default=5, help="timed rounds (median and spread)")
     rt.add_argument("--warmup", type=int, default=1, help="untimed rounds first (the first measures memory)")
-    rt.add_argument("--new-tokens", type=int, default=16, help="generated per sample (EOS ignored)")
+    rt.add_argument("--new-tokens", type=int, default=16, help="generated per sample (EOS ignored; 0: prefill only)")
     rt.add_argument("--question-tokens", type=int, default=60, help="question length (LLaVA-1.5: ~646-token prompt)")
     rt.add_argument("--chunks", default="16,1", help="VLM-Pruner chunk sizes to compare ('' to skip)")
     rt.add_argument("--selection-repeats", type=int, default=7)
     rt.add_argument("--target-keep", type=int, default=64, help="keep the targets are checked at")
-    rt.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                    help="default: bfloat16 on CUDA, float32 on CPU")
+    rt.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA, fp32 on CPU")
     rt.add_argument("--device", help="default: cuda when available, else cpu")
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--out", help="write runtime.json and runtime.md here (folder or URI, e.g. s3://...)")

@@ -25,7 +25,7 @@ import torch
 
 from .flops import LLMShape, full_layers, sample_flops
 from .methods import METHODS, Signals
-from .profiling import PeakMemory, PrefillMeter, kv_bytes, sync, time_runs, workload
+from .profiling import PeakMemory, PrefillMeter, RandomTower, kv_bytes, sync, time_runs, workload
 from .runtime import collate, prefill
 from .vlm import PrunedVLM
 
@@ -73,11 +73,13 @@ def selection_markdown(rows: list[dict], n: int, dim: int, repeats: int) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    """One row: a method (with parameters) at a budget; method "none" is the baseline."""
+    """One row: a method (with parameters) at a budget, `keep` tokens or a pruning `rate`;
+    method "none" is the baseline."""
 
     method: str
     keep: int | None = None
     params: tuple = ()
+    rate: float | None = None
 
     @property
     def label(self) -> str:
@@ -114,6 +116,7 @@ class Runs:
     kv_bytes: int = 0
     prompt_tokens: int = 0
     prompt_tokens_kept: int = 0
+    image_tokens: int = 0  # prunable visual tokens of sample 0
     image_tokens_kept: int = 0
 
 
@@ -123,10 +126,11 @@ def measure_batch(model, processor, settings: list[Setting], images: list, *, pr
     """Interleaved rounds over the settings at one batch size, one sample per image. The
     first `warmup` (>= 1) rounds are not timed; the first of them measures peak memory and
     the KV cache instead, so that no timed run carries a memory meter. When `capture` is a
-    dict, the first VLM-Pruner warm-up stores sample 0's real Signals under "signals"."""
+    dict, the first VLM-Pruner warm-up stores sample 0's real Signals under "signals".
+    `new_tokens` 0: prefill only (no end-to-end runs)."""
     vlms = {}
     for s in settings:
-        budget = {} if s.method == "none" else {"keep": s.keep}
+        budget = {} if s.method == "none" else {"keep": s.keep} if s.rate is None else {"rate": s.rate}
         vlm = PrunedVLM(model, processor, method=s.method, prune_layer=prune_layer, **budget, **dict(s.params))
         vlm.eos = {-1}  # never stop early: every sample generates exactly new_tokens
         vlms[s] = vlm
@@ -164,8 +168,13 @@ def measure_batch(model, processor, settings: list[Setting], images: list, *, pr
                 r.kv_bytes = kv_bytes(state.cache) // batch
                 r.prompt_tokens = state.prompt_tokens[0]
                 r.prompt_tokens_kept = state.prompt_tokens_kept[0]
+                r.image_tokens = state.image_tokens[0]
                 r.image_tokens_kept = len(state.selections[0].indices)
             del state
+            if new_tokens == 0:
+                log(f"batch {batch} {'round ' + str(round_ - warmup + 1) if timed else 'warm-up'} {s.label} "
+                    f"{budget_label(s.keep, s.rate)}: prefill {seconds:.2f} s")
+                continue
             # end to end: collate (vision tower) + prefill + new_tokens - 1 decode steps
             mem = PeakMemory(device) if round_ == 0 else nullcontext()
             with mem:
@@ -180,7 +189,7 @@ def measure_batch(model, processor, settings: list[Setting], images: list, *, pr
             elif round_ == 0:
                 r.peak_generate = mem.peak
             log(f"batch {batch} {'round ' + str(round_ - warmup + 1) if timed else 'warm-up'} {s.label} "
-                f"keep {s.keep}: prefill {r.prefill[-1] if timed else float('nan'):.2f} s, "
+                f"{budget_label(s.keep, s.rate)}: prefill {r.prefill[-1] if timed else float('nan'):.2f} s, "
                 f"end-to-end {seconds:.2f} s")
     return runs
 
@@ -192,12 +201,16 @@ def _recording(run: Callable, capture: dict) -> Callable:
     return recording
 
 
+def budget_label(keep: int | None, rate: float | None) -> str:
+    return f"rate {rate:g}" if rate is not None else f"keep {keep}" if keep is not None else "unpruned"
+
+
 def _stats(xs: list[float]) -> tuple[float, float]:
     return (statistics.median(xs), max(xs) - min(xs)) if xs else (float("nan"), float("nan"))
 
 
 def summarize(model, runs_by_batch: dict[int, dict[Setting, Runs]], *, prune_layer: int, new_tokens: int,
-              sample_vision: dict) -> list[dict]:
+              sample_vision: dict | int) -> list[dict]:
     """One row per (batch, setting): medians per sample, speedups, FLOPs predictions, memory."""
     text = model.config.text_config
     llm = LLMShape.of(text)
@@ -226,8 +239,9 @@ def summarize(model, runs_by_batch: dict[int, dict[Setting, Runs]], *, prune_lay
             formula = llm.kv_bytes(full, n, kept, itemsize)
             formula_none = llm.kv_bytes(llm.layers, n, n, itemsize)
             rows.append({
-                "method": s.label, "keep": s.keep, "batch": batch,
-                "prompt_tokens": n, "prompt_tokens_kept": kept, "image_tokens_kept": r.image_tokens_kept,
+                "method": s.label, "keep": s.keep, "rate": s.rate, "batch": batch,
+                "prompt_tokens": n, "prompt_tokens_kept": kept, "image_tokens": r.image_tokens,
+                "image_tokens_kept": r.image_tokens_kept,
                 "prefill_s": prefill / batch, "prefill_spread_s": prefill_spread / batch,
                 "prefill_speedup": prefill_speedup, "prefill_speedup_flops": predicted_prefill,
                 "prefill_vs_flops": prefill_speedup / predicted_prefill,
@@ -277,25 +291,35 @@ def chunk_comparison(signals: Signals, keeps: list[int], chunks: list[int], repe
 
 def run(model, processor, name: str, images: Callable[[int], list], *, settings: list[Setting],
         batches: list[int], prune_layer: int, repeats: int, warmup: int, new_tokens: int, question_tokens: int,
-        chunks: list[int], selection_repeats: int, target_keep: int, log: Callable[[str], None],
-        save: Callable[[dict, str], None] | None = None, started: float | None = None) -> tuple[dict, str]:
+        chunks: list[int], selection_repeats: int, target_keep: int | None, log: Callable[[str], None],
+        save: Callable[[dict, str], None] | None = None, started: float | None = None,
+        target_rate: float | None = None) -> tuple[dict, str]:
     """Measure `settings` (the first must be Setting("none")) at each batch size on
-    `images(batch)`, and VLM-Pruner's chunk sizes `chunks` (none: skipped). After every batch
-    size, `save(report, markdown)` (so that a killed run keeps what it measured). `started`:
-    when the clock of meta["seconds"] started (default: now). Returns (report, markdown)."""
+    `images(batch)` (images or videos), and VLM-Pruner's chunk sizes `chunks` (none:
+    skipped). The targets are checked at `target_rate` when given, else at `target_keep`.
+    A model whose vision tower is a `RandomTower` is reported so, its FLOPs without the
+    tower. After every batch size, `save(report, markdown)` (so that a killed run keeps what
+    it measured). `started`: when the clock of meta["seconds"] started (default: now).
+    Returns (report, markdown)."""
     started = time.perf_counter() if started is None else started
     device = next(model.parameters()).device
-    sample = workload(PrunedVLM(model, processor), images(1), question_tokens)[0]
+    probe = PrunedVLM(model, processor)
+    sample = workload(probe, images(1), question_tokens)[0]
+    tower = not isinstance(getattr(model.model, "vision_tower", None), RandomTower)
     meta = {
         "model": name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "threads": torch.get_num_threads(), "cores": os.cpu_count(), "prompt_tokens": len(sample.input_ids),
-        "image_tokens": int((sample.input_ids == model.config.image_token_id).sum()),
+        "image_tokens": int(torch.isin(sample.input_ids, torch.tensor(probe.adapter.visual_token_ids)).sum()),
+        "prunable_tokens": len(probe.adapter.layout(sample.input_ids, sample.vision).positions),
+        "frames": next((int(v.shape[1]) for k, v in sample.vision.items() if k == "pixel_values_videos"), 0),
+        "vision_tower": tower,
         "new_tokens": new_tokens, "prune_layer": prune_layer, "repeats": repeats,
         "warmup": warmup, "weights_bytes": sum(p.nbytes for p in model.parameters()),
         "memory": PeakMemory.method(device), "command": " ".join(sys.argv),
     }
     keeps = list(dict.fromkeys(s.keep for s in settings if s.keep is not None))
+    rates = list(dict.fromkeys(s.rate for s in settings if s.rate is not None))
     capture: dict = {}
     chunk_rows: list[dict] = []
     runs_by_batch = {}
@@ -304,10 +328,13 @@ def run(model, processor, name: str, images: Callable[[int], list], *, settings:
             model, processor, settings, images(b), prune_layer=prune_layer, repeats=repeats, warmup=warmup,
             new_tokens=new_tokens, question_tokens=question_tokens, log=log, capture=capture if chunks else None)
         if chunks and "signals" in capture and not chunk_rows:
-            chunk_rows = chunk_comparison(capture["signals"], keeps, chunks, selection_repeats)
+            n = len(capture["signals"].keys)
+            budgets = keeps + [max(1, round(n * (1 - r))) for r in rates]  # as PrunedVLM.keep_for
+            chunk_rows = chunk_comparison(capture["signals"], list(dict.fromkeys(budgets)), chunks,
+                                          selection_repeats)
         rows = summarize(model, runs_by_batch, prune_layer=prune_layer, new_tokens=new_tokens,
-                         sample_vision=sample.vision)
-        goals = targets(rows, target_keep)
+                         sample_vision=sample.vision if tower else 0)
+        goals = targets(rows, target_keep, rate=target_rate)
         meta["seconds"] = time.perf_counter() - started
         text = markdown(meta, rows, chunk_rows, goals)
         report = {"meta": meta, "rows": rows, "chunks": chunk_rows, "targets": goals}
@@ -319,45 +346,60 @@ def run(model, processor, name: str, images: Callable[[int], list], *, settings:
 # ---------------------------------------------------------------------- report
 
 
-def targets(rows: list[dict], keep: int, method: str = "vlm-pruner") -> list[dict]:
-    """The issue's targets, where the rows hold what they need."""
+def targets(rows: list[dict], keep: int | None, method: str = "vlm-pruner", rate: float | None = None) -> list[dict]:
+    """The issue's targets at `keep` (or at `rate` when given), where the rows hold what they need."""
     def row(batch: int, label: str = method) -> dict | None:
         return next((r for r in rows if r["batch"] == batch and r["method"] == label and
-                     (r["keep"] == keep or label == "none")), None)
+                     ((r["keep"], r["rate"]) == (keep if rate is None else None, rate) or label == "none")), None)
+
+    budget = budget_label(keep, rate)
 
     out = []
     b1, batches = row(1), sorted({r["batch"] for r in rows})
     if b1:
-        out.append({"target": f"{method} keep {keep}, batch 1: measured prefill speedup >= 0.8 x FLOPs-predicted",
+        out.append({"target": f"{method} {budget}, batch 1: measured prefill speedup >= 0.8 x FLOPs-predicted",
                     "value": b1["prefill_vs_flops"], "limit": 0.8, "met": b1["prefill_vs_flops"] >= 0.8})
     for b in batches:
         r = row(b)
         if r:
-            out.append({"target": f"{method} keep {keep}, batch {b}: selection <= 5 % of the pruned prefill",
+            out.append({"target": f"{method} {budget}, batch {b}: selection <= 5 % of the pruned prefill",
                         "value": r["selection_frac"], "limit": 0.05, "met": r["selection_frac"] <= 0.05})
     big = max(batches)
     if b1 and big > 1 and row(big):
-        for phase in ("e2e", "prefill"):
+        for phase in ("e2e", "prefill") if b1["e2e_runs_s"] else ("prefill",):
             ratio = b1[f"{phase}_s"] / row(big)[f"{phase}_s"]
             name = "end-to-end" if phase == "e2e" else "prefill"
-            out.append({"target": f"{method} keep {keep}: batch {big} {name} throughput >= 1.3 x batch 1",
+            out.append({"target": f"{method} {budget}: batch {big} {name} throughput >= 1.3 x batch 1",
                         "value": ratio, "limit": 1.3, "met": ratio >= 1.3})
     if b1:
         err = b1["kv_ratio"] / b1["kv_ratio_formula"] - 1
-        out.append({"target": f"{method} keep {keep}: KV cache / unpruned within 5 % of (K*n + (T-K)*n_kept) / (T*n)",
+        out.append({"target": f"{method} {budget}: KV cache / unpruned within 5 % of (K*n + (T-K)*n_kept) / (T*n)",
                     "value": err, "limit": 0.05, "met": abs(err) <= 0.05,
                     "detail": f"measured {b1['kv_ratio']:.4f}, formula {b1['kv_ratio_formula']:.4f}"})
     return out
 
 
+def _budget_cell(r: dict) -> str:
+    """The keep column: the keep, or the tokens a rate kept (sample 0) and the rate."""
+    if r["rate"] is not None:
+        return f"{r['image_tokens_kept']} (rate {r['rate']:g})"
+    return str(r["keep"] or "-")
+
+
 def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]) -> str:
     mb = 2**20
+    video = f"a {meta['frames']}-frame video" if meta.get("frames") else "an image"
+    tower = ("" if meta.get("vision_tower", True) else
+             " The vision tower was replaced by random features of its output shape (`RandomTower`): "
+             "end to end and its FLOPs leave the tower out; prefill is unaffected.")
     lines = [
         f"Model: {meta['model']}; {meta['dtype']} on {meta['device']}; torch threads {meta['threads']} "
-        f"(cores {meta['cores']}). Prompt {meta['prompt_tokens']} tokens ({meta['image_tokens']} image), "
-        f"{meta['new_tokens']} new tokens, pruning after layer K-1 (K = {meta['prune_layer']}). "
+        f"(cores {meta['cores']}). Prompt {meta['prompt_tokens']} tokens with {video}: {meta['image_tokens']} "
+        f"visual placeholders, {meta['prunable_tokens']} prunable; "
+        f"{meta['new_tokens']} new tokens{'' if meta['new_tokens'] else ' (prefill only)'}, "
+        f"pruning after layer K-1 (K = {meta['prune_layer']}). "
         f"Median of {meta['repeats']} interleaved rounds after {meta['warmup']} warm-up round(s); "
-        f"± = half the spread (max - min).",
+        f"± = half the spread (max - min).{tower}",
         "",
         "Time, seconds per sample. Speedups against unpruned at the same batch size; FLOPs = the speedup "
         "`pruner.flops` predicts (measured-style, 2 per multiply-add); meas./FLOPs = how close to that limit. "
@@ -368,10 +410,11 @@ def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['keep'] or '-'} | {r['batch']} | {r['prefill_s']:.3f} ± {r['prefill_spread_s'] / 2:.3f} "
+            f"| {r['method']} | {_budget_cell(r)} | {r['batch']} | {r['prefill_s']:.3f} ± {r['prefill_spread_s'] / 2:.3f} "
             f"| {r['prefill_speedup']:.2f}x | {r['prefill_speedup_flops']:.2f}x | {r['prefill_vs_flops']:.2f} "
-            f"| {r['e2e_s']:.3f} ± {r['e2e_spread_s'] / 2:.3f} | {r['e2e_speedup']:.2f}x "
-            f"| {r['e2e_speedup_flops']:.2f}x | {r['e2e_vs_flops']:.2f} |")
+            + (f"| {r['e2e_s']:.3f} ± {r['e2e_spread_s'] / 2:.3f} | {r['e2e_speedup']:.2f}x "
+               f"| {r['e2e_speedup_flops']:.2f}x | {r['e2e_vs_flops']:.2f} |"
+               if r["e2e_runs_s"] else "| - | - | - | - |"))  # prefill only
     lines += [
         "",
         "Selection, layers and memory. Selection = the runtime's `select` (signals + the method) and FastV's "
@@ -389,7 +432,7 @@ def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]
         rate = " / ".join("-" if r[f"layers_{p}_gflops_per_s"] is None else f"{r[f'layers_{p}_gflops_per_s']:.1f}"
                           for p in ("full", "kept"))
         lines.append(
-            f"| {r['method']} | {r['keep'] or '-'} | {r['batch']} | {r['selection_ms']:.1f} | {100 * r['selection_frac']:.2f} % "
+            f"| {r['method']} | {_budget_cell(r)} | {r['batch']} | {r['selection_ms']:.1f} | {100 * r['selection_frac']:.2f} % "
             f"| {rate} "
             f"| {r['peak_prefill_bytes'] / mb:.0f} | {r['peak_generate_bytes'] / mb:.0f} | {r['kv_bytes'] / mb:.1f} "
             f"| {r['kv_ratio']:.3f} | {r['kv_ratio_formula']:.3f} |")

@@ -314,9 +314,38 @@ def llava_1_5_7b_config() -> Any:
     )
 
 
-# shape name -> (config builder, one sample's vision inputs on the meta device, image tokens N)
+def llava_video_7b_config() -> Any:
+    """LLaVA-Video-7B-Qwen2's config (llava-hf/LLaVA-Video-7B-Qwen2-hf), no weights needed:
+    SigLIP-so400m at 384 px, patch 14 (27 x 27 = 729 patches a frame, no CLS); so400m has 27
+    layers and LLaVA-OneVision reads the penultimate, so the checkpoint keeps 26 and reads the
+    last (vision_feature_layer -1, "full"), as transformers' LlavaOnevisionConfig defaults do.
+    Qwen2-7B: 28 layers, d 3584, 28 heads, 4 KV heads, MLP 18944, vocabulary 152064.
+    anyres_max_9 images; a video's frames are pooled 27 x 27 -> 14 x 14 after the projector,
+    so a T-frame clip is T * 196 + 1 tokens (one newline, never pruned)."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    return LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                         num_attention_heads=16, image_size=384, patch_size=14,
+                                         vision_use_head=False),
+        text_config=Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                                tie_word_embeddings=False),
+        image_token_index=151646, video_token_index=151647, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False,
+    )
+
+
+VIDEO_FRAMES = 32  # the sample clip of the "llava-video-7b" shape
+
+# shape name -> (config builder, one sample's vision inputs on the meta device, prunable
+# visual tokens N); "llava-video-7b": a 32-frame clip, 32 * 196 frame tokens (+ 1 newline)
 SHAPES = {
     "llava-1.5-7b": (llava_1_5_7b_config, lambda: {"pixel_values": torch.empty(1, 3, 336, 336, device="meta")}, 576),
+    "llava-video-7b": (llava_video_7b_config,
+                       lambda: {"pixel_values_videos": torch.empty(1, VIDEO_FRAMES, 3, 384, 384, device="meta")},
+                       VIDEO_FRAMES * 14 * 14),
 }
 # LLaVA-1.5's chat template "USER: <image>\n{question} ASSISTANT:" around the question, with
 # the Llama tokenizer: <s>, "USER:" (3), "\n", "ASSISTANT:" (5); an estimate, see --template-tokens

@@ -162,6 +162,8 @@ def random_model(shape: str, layers: int | None, processor: Any, dtype: torch.dt
         config.text_config.num_hidden_layers = layers
     tok = processor.tokenizer
     config.image_token_id = tok.convert_tokens_to_ids(processor.image_token)
+    if hasattr(config, "video_token_id") and hasattr(processor, "video_token"):
+        config.video_token_id = tok.convert_tokens_to_ids(processor.video_token)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config.text_config, name, getattr(tok, name))
     return random_weights(config, dtype, device, seed)
@@ -201,6 +203,75 @@ def _fill_buffers(model: torch.nn.Module, config: Any, device: torch.device) -> 
             buf.copy_(rotary.inv_freq)
         else:
             raise NotImplementedError(f"random_model does not know how to fill buffer {name!r}")
+
+
+def shape_processor(shape: str) -> Any | None:
+    """A processor for `shape` without a download where the demo model's cannot serve:
+    LLaVA-OneVision / LLaVA-Video (`onevision_processor`); None for LLaVA-1.5 shapes."""
+    from .flops import SHAPES
+
+    return onevision_processor() if SHAPES[shape][0]().model_type == "llava_onevision" else None
+
+
+def onevision_processor() -> Any:
+    """LLaVA-OneVision's processor at the checkpoints' defaults (384 px, anyres_max_9 tiles,
+    729 tokens a tile, video frames pooled to 14 x 14) around a word-level tokenizer of the
+    workload's words, with the chat template "USER : <video> {question} ASSISTANT :"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+                              PreTrainedTokenizerFast)
+
+    words = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "<video>", "USER", ":", "ASSISTANT"]
+    words += sorted(set(QUESTION_WORDS) - set(words))
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>",
+                                                                          "video_token": "<video>"})
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
+                "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% else %}ASSISTANT : "
+                "{{ m['content'][0]['text'] }} </s> {% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT :{% endif %}")
+    return LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessor(),
+                                   video_processor=LlavaOnevisionVideoProcessor(), tokenizer=tok,
+                                   num_image_tokens=729, vision_feature_select_strategy="full",
+                                   vision_aspect_ratio="anyres_max_9", chat_template=template)
+
+
+class RandomTower(torch.nn.Module):
+    """In place of a LLaVA-family vision tower (CLIP / SigLIP): random hidden states of the
+    tower's output shape, [images or frames, patches (+ CLS), width], for every layer, so the
+    projector, pooling and packing after it run as they do. For CPU runs where the tower is too
+    slow (SigLIP-so400m on a 32-frame clip); the prefill meter times only the LLM."""
+
+    def __init__(self, config: Any, seed: int = 0):
+        super().__init__()
+        vcfg = config.vision_config
+        self.tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + (vcfg.model_type == "clip_vision_model")
+        self.width, self.layers, self.seed = vcfg.hidden_size, vcfg.num_hidden_layers, seed
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        from types import SimpleNamespace
+
+        g = torch.Generator(device=pixel_values.device).manual_seed(self.seed)
+        h = torch.randn(pixel_values.shape[0], self.tokens, self.width, generator=g, device=pixel_values.device)
+        h = h.to(pixel_values.dtype)
+        return SimpleNamespace(hidden_states=(h,) * (self.layers + 1), last_hidden_state=h, pooler_output=None)
+
+
+def random_vision_tower(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Replace `model`'s vision tower with a `RandomTower` (its weights are freed)."""
+    model.model.vision_tower = RandomTower(model.config, seed)
+    return model
+
+
+def random_clips(n: int, frames: int, size: int = 384, seed: int = 0) -> list:
+    """n random uint8 videos [frames, size, size, 3] (content does not matter with random weights)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
 QUESTION_WORDS = ("what is the color of the small object near the top left corner , and is there a large "

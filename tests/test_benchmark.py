@@ -25,12 +25,12 @@ pytestmark = pytest.mark.timeout(300)
 TIME_COLUMNS = ["method", "keep", "batch", "prefill s", "speedup", "FLOPs", "meas./FLOPs", "end-to-end s"]
 MEMORY_COLUMNS = ["selection ms", "% of prefill", "GFLOP/s full / kept layers", "peak MiB prefill",
                   "peak MiB generate", "KV MiB/sample", "KV ratio", "formula"]
-ROW_KEYS = {"method", "keep", "batch", "prompt_tokens", "prompt_tokens_kept", "image_tokens_kept", "prefill_s",
-            "prefill_spread_s", "prefill_speedup", "prefill_speedup_flops", "prefill_vs_flops", "e2e_s",
-            "e2e_spread_s", "e2e_speedup", "e2e_speedup_flops", "e2e_vs_flops", "selection_ms", "selection_frac",
-            "peak_prefill_bytes", "peak_generate_bytes", "kv_bytes", "kv_bytes_formula", "kv_ratio",
-            "kv_ratio_formula", "layers_full_gflops_per_s", "layers_kept_gflops_per_s", "prefill_runs_s",
-            "selection_runs_s", "e2e_runs_s"}
+ROW_KEYS = {"method", "keep", "rate", "batch", "prompt_tokens", "prompt_tokens_kept", "image_tokens",
+            "image_tokens_kept", "prefill_s", "prefill_spread_s", "prefill_speedup", "prefill_speedup_flops",
+            "prefill_vs_flops", "e2e_s", "e2e_spread_s", "e2e_speedup", "e2e_speedup_flops", "e2e_vs_flops",
+            "selection_ms", "selection_frac", "peak_prefill_bytes", "peak_generate_bytes", "kv_bytes",
+            "kv_bytes_formula", "kv_ratio", "kv_ratio_formula", "layers_full_gflops_per_s",
+            "layers_kept_gflops_per_s", "prefill_runs_s", "selection_runs_s", "e2e_runs_s"}
 
 
 def benchmark(*args: str) -> str:
@@ -160,3 +160,26 @@ def test_prefill_meter_sees_each_segment_through_the_observer():
         assert [s[:3] for s in meter.segments] == expected
         assert all(s[3] > 0 for s in meter.segments)
         assert (meter.selection > 0) == (method != "none")
+
+
+def test_video_workload_at_a_rate_with_random_features(onevision_dir, tmp_path):
+    """The LLaVA-Video path of the runtime benchmark on a tiny OneVision: 3-frame clips pooled
+    to 3 x 3 (3 * 9 + 1 video tokens, the newline never pruned), a rate budget, random
+    features in place of the tower, prefill only; the targets are checked at the rate."""
+    benchmark("--model", onevision_dir, "--frames", "3", "--random-features", "--methods", "vlm-pruner",
+              "--rates", "0.7", "--batches", "1", "--repeats", "1", "--new-tokens", "0", "--question-tokens", "4",
+              "--chunks", "16", "--selection-repeats", "1", "--quiet", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "runtime.json").read_text())
+    meta, (none, pruned) = data["meta"], data["rows"]
+    assert (meta["frames"], meta["image_tokens"], meta["prunable_tokens"], meta["vision_tower"]) == (3, 28, 27, False)
+    assert pruned["rate"] == 0.7 and pruned["keep"] is None
+    assert none["image_tokens"] == pruned["image_tokens"] == 3 * 9
+    assert pruned["image_tokens_kept"] == round(27 * 0.3) == 8
+    assert none["prompt_tokens_kept"] == none["prompt_tokens"] == meta["prompt_tokens"]
+    assert pruned["prompt_tokens"] - pruned["prompt_tokens_kept"] == 27 - 8
+    assert pruned["selection_ms"] > 0 and len(pruned["selection_runs_s"]) == 1 and pruned["e2e_runs_s"] == []
+    assert pruned["prefill_speedup_flops"] > 1 and pruned["kv_bytes"] == pruned["kv_bytes_formula"]
+    assert [(c["keep"], c["chunk"]) for c in data["chunks"]] == [(8, 16)]
+    budgets = {t["target"].split(":")[0] for t in data["targets"]}
+    assert budgets == {"vlm-pruner rate 0.7, batch 1", "vlm-pruner rate 0.7"}
+    assert "8 (rate 0.7)" in (tmp_path / "runtime.md").read_text()

@@ -332,3 +332,35 @@ def test_flops_fields_and_cli(capsys):
     main(["--shape", "llava-1.5-7b", "--question-tokens", "60", "--generated", "32"])
     out = capsys.readouterr().out
     assert "keep 64" in out and "74.81%" in out and "paper" in out
+
+
+def test_llava_video_7b_shape_matches_the_checkpoint_and_a_clip_is_t_196_plus_1_tokens():
+    """LLaVA-Video-7B-Qwen2: transformers' LlavaOnevision defaults for the tower and the
+    packing (SigLIP-so400m at 384 px, 26 layers kept, anyres_max_9), Qwen2-7B's widths; a
+    32-frame clip is 32 * 196 + 1 tokens, of which 32 * 196 prunable (`SHAPES`' N)."""
+    from transformers import LlavaOnevisionConfig
+
+    from pruner.flops import SHAPES
+    from pruner.models.llava_onevision import LlavaOnevisionAdapter
+    from pruner.profiling import random_clips, shape_processor
+
+    build, vision, n = SHAPES["llava-video-7b"]
+    cfg, default = build(), LlavaOnevisionConfig()
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                "patch_size", "vision_use_head"):
+        assert getattr(cfg.vision_config, key) == getattr(default.vision_config, key), key
+    for key in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
+                "image_grid_pinpoints", "image_token_id", "video_token_id"):
+        assert getattr(cfg, key) == getattr(default, key), key
+    assert LLMShape.of(cfg.text_config) == LLMShape(layers=28, hidden=3584, q_dim=3584, kv_dim=512,
+                                                    intermediate=18944, mlp_matrices=3, vocab=152064)
+    assert n == 32 * 196
+    processor = shape_processor("llava-video-7b")
+    sample = LlavaOnevisionAdapter.prepare(processor, random_clips(1, 32, size=32)[0], "what is the color ?")
+    assert int((sample.input_ids == processor.tokenizer.convert_tokens_to_ids("<video>")).sum()) == 32 * 196 + 1
+    assert tuple(sample.vision["pixel_values_videos"].shape) == tuple(vision()["pixel_values_videos"].shape)
+    # the tower on 32 frames of 27 x 27 = 729 patches, 26 layers, then the projector on every patch
+    h, m, d = 1152, 4304, 3584
+    frame = (2 * 729 * 3 * 14 * 14 * h + 26 * (2 * 4 * 729 * h * h + 2 * 2 * 729**2 * h + 2 * 2 * 729 * h * m)
+             + 2 * 729 * (h * d + d * d))
+    assert vision_flops(cfg, vision()) == 32 * frame
