@@ -138,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv.insert(0, "runtime")  # the flags are the main mode
+        argv.insert(0, "runtime")  # runtime is the default mode
     args = parser().parse_args(argv)
     if args.what == "selection":
         rows = benchmark.bench_selection(args.n, args.dim, [int(k) for k in args.keeps.split(",")], args.repeats)

@@ -347,7 +347,8 @@ def run(model, processor, name: str, images: Callable[[int], list], *, settings:
 
 
 def targets(rows: list[dict], keep: int | None, method: str = "vlm-pruner", rate: float | None = None) -> list[dict]:
-    """The issue's targets at `keep` (or at `rate` when given), where the rows hold what they need."""
+    """The runtime's targets (prefill speedup against the FLOPs prediction, selection share,
+    KV cache, batching gain) at `keep` (or `rate`), where the rows hold what they need."""
     def row(batch: int, label: str = method) -> dict | None:
         return next((r for r in rows if r["batch"] == batch and r["method"] == label and
                      ((r["keep"], r["rate"]) == (keep if rate is None else None, rate) or label == "none")), None)
