@@ -12,12 +12,9 @@ then `--repeats`; medians, spread = max - min): prefill and end-to-end seconds p
 speedups next to the FLOPs-predicted ones, the selection's share of the pruned prefill, peak
 memory, KV-cache bytes, and VLM-Pruner's selection at chunk 16 vs 1 on the model's real layer
 K-1 signals. Prints Markdown; writes runtime.json + runtime.md under --out (folder or pyarrow
-URI). `--shape S --layers L`: random weights at checkpoint S's widths (`pruner.flops.SHAPES`),
-the LLM cut to L layers, no download; llava-1.5-7b with the demo model's processor,
-llava-video-7b (SigLIP-so400m, Qwen2-7B) with LLaVA-OneVision's around a word-level tokenizer.
-`--frames T`: random T-frame clips in place of images (T * 196 + 1 tokens at 384 px).
-`--random-features`: random vision-tower outputs in place of the tower (SigLIP on 32 frames
-is too slow on CPU); projector and pooling still run; prefill timing is unaffected.
+URI). `--shape S --layers L`: random weights at checkpoint S's widths, LLM cut to L layers, no
+download. `--frames T`: random T-frame clips for images. `--random-features`: random tower
+outputs for the tower (SigLIP on 32 frames is too slow on CPU); the timed prefill is unchanged.
 
 `selection` times each method's token selection alone on random inputs shaped like
 LLaVA-1.5-7B's layer-2 signals, and VLM-Pruner with chunk 16 vs chunk 1.
@@ -59,9 +56,8 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
         path = args.model or str(MODEL_DIR)
         vlm = PrunedVLM.from_pretrained(path, method="none", dtype=dtype, device=device)
         model, processor, name = vlm.model, vlm.preprocessor.processor, args.model or f"demo model ({path})"
-    if args.random_features:
-        return random_vision_tower(model, args.seed), processor, name + ", random features for the vision tower"
-    return model, processor, name
+    tower = random_vision_tower(model, args.seed) if args.random_features else model
+    return tower, processor, name + (", random features for the vision tower" if args.random_features else "")
 
 
 def run_runtime(args: argparse.Namespace) -> dict:
