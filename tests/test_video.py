@@ -9,6 +9,7 @@ from PIL import Image
 import tiny
 from pruner import PrunedVLM
 from pruner.methods import METHODS
+from pruner.runtime import _layer_signals, collate
 
 pytestmark = pytest.mark.timeout(300)
 # a mixed batch: clips of 4 and 2 frames between images of two sizes
@@ -100,6 +101,23 @@ def test_layer_k_sees_text_unprunable_visual_tokens_and_the_kept_ones_at_their_p
                                                                                     dtype=torch.bool))[:, 0]
         assert torch.equal(state.pruned_positions[:, b][:, pad[b]].cpu(), expected)
         assert int(pad[b].sum()) == len(p.input_ids) - len(layout.positions) + 5
+
+
+def test_video_placeholders_are_never_text(family):
+    """DART's text signals hold exactly the text tokens: no image or video placeholder (nor
+    OneVision's newlines, which carry the placeholder ids), whatever the sample's kind."""
+    model, proc, _ = family
+    vlm = PrunedVLM(model, proc, method="dart", keep=5)
+    prepared = vlm.preprocess(batch_items(), QUESTIONS)
+    batch = collate(vlm.adapter, prepared, vlm.device)
+    b, width, d = batch.embeds.shape
+    keys = torch.arange(b * width, dtype=torch.float).view(b, 1, width, 1)  # key = column id
+    signals = _layer_signals(vlm.adapter, batch, batch.embeds, keys, [])
+    placeholder_ids = torch.tensor([model.config.image_token_id, model.config.video_token_id])
+    for i, p in enumerate(prepared):
+        text = ~torch.isin(p.input_ids, placeholder_ids)
+        columns = text.nonzero().squeeze(1) + width - len(p.input_ids) + i * width
+        assert torch.equal(signals["text_keys"](i, None)[:, 0], columns.float())
 
 
 def test_a_video_is_a_list_of_frames_or_a_uint8_array(family):
