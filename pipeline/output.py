@@ -99,7 +99,7 @@ class Folder:
     def foreign(self, job_id: str | None) -> list[str]:
         mine = {MANIFEST, LOCK, SUMMARY}
         return [n for n in self.names() if n not in mine and not (job_id and is_own(n, job_id))
-                and not n.startswith("_tmp-")]
+                and not is_temp(n)]
 
     def read_json(self, name: str) -> dict | None:
         try:
@@ -120,6 +120,11 @@ class Folder:
             self.fs.delete_file(path)
         except FileNotFoundError:
             pass
+
+
+def is_temp(name: str) -> bool:
+    """One of the job's own temporary names (`_tmp-<8 hex>-...`), never a user's `_tmp-x`."""
+    return re.match(r"_tmp-(stale-)?[0-9a-f]{8}[-.]", name) is not None
 
 
 def is_own(name: str, job_id: str) -> bool:
@@ -342,10 +347,11 @@ def clear(folder: Folder, job_id: str | None) -> None:
             for info in folder.fs.get_file_info(pafs.FileSelector(partial)):
                 if is_own(info.base_name.removesuffix(".partial"), job_id):
                     folder.delete(info.path)
-    for name in (SUMMARY, MANIFEST):
-        folder.delete(folder.path(name))
+    if job_id:  # without a manifest, a `_summary.json` there is not known to be ours
+        folder.delete(folder.path(SUMMARY))
+        folder.delete(folder.path(MANIFEST))
     for name in folder.names():
-        if name.startswith("_tmp-"):
+        if is_temp(name):
             folder.delete(folder.path(name))
 
 

@@ -167,6 +167,7 @@ def test_foreign_files_are_never_read_moved_or_deleted(local_ray, model_dir, dat
     pq.write_table(table_of(good_rows(3)).append_column("id", pa.array(["r0", "r1", "r2"])),
                    out / "my_data.parquet")  # ids that overlap the input's
     (out / "notes.txt").write_text("mine")
+    (out / "_tmp-mine.txt").write_text("mine too")  # looks like a temporary name, but is not the job's
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     first = run(job(model_dir, data, out, id_column="key"))
