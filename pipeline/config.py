@@ -20,7 +20,7 @@ from pruner.methods import METHODS, get_method
 from pruner.models import ADAPTERS, adapter_class
 from pruner.vlm import budget
 
-from .common import first_line
+from .common import JobError, first_line
 from .demo import EVAL_PARQUET, MODEL_DIR
 from .images import DEFAULT_MAX_PIXELS
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES
@@ -30,10 +30,6 @@ DEFAULT_QUESTION = "Describe the image briefly."
 ANSWER_FIELDS = ("input", "split", "model", "method", "keep", "rate", "prune_layer", "method_params",
                  "max_new_tokens", "temperature", "top_p", "seed", "question", "image_column", "video_column",
                  "question_column", "id_column", "max_image_pixels", "num_frames", "max_video_seconds")
-
-
-class JobError(ValueError):
-    """Bad arguments: reported as one line, exit status 2, before any work starts."""
 
 
 @dataclass(frozen=True)

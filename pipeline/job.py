@@ -17,14 +17,13 @@ import pyarrow as pa
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
-from ray.data.datasource import FilenameProvider
 
 from . import output as out_
 from .common import saved_pct
 from .config import ANSWER_FIELDS, JobConfig, JobError, model_fingerprint
 from .sources import Source, SourceError, open_source
 from .numbering import Numberer
-from .stages import Answerer, Columns, prepare
+from .stages import Answerer, Columns, Preparer
 
 MANIFEST_VERSION = 1
 
@@ -98,17 +97,6 @@ def open_manifest(folder: out_.Folder, cfg: JobConfig) -> dict:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-class _Names(FilenameProvider):
-    """Output files named `labels-<job id>-r<run>-<write>-<task>.parquet`: the job's own pattern."""
-
-    def __init__(self, prefix: str):
-        super().__init__(file_format="parquet")
-        self.prefix = prefix
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{self.prefix}{write_uuid}-{task_index:06}.parquet"
-
-
 def run(cfg: JobConfig) -> dict:
     """Run the job to completion; returns (and writes) the summary. Raises JobError, before
     any work, for an unusable output folder, one that another run holds, one that holds
@@ -134,7 +122,7 @@ def run(cfg: JobConfig) -> dict:
         prefix = out_.file_prefix(manifest["job_id"], manifest["runs"])
         start = time.perf_counter()
         ds = pipeline(cfg, source, cols, done)
-        ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file, filename_provider=_Names(prefix))
+        ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file, filename_provider=out_.FileNames(prefix))
         wall = time.perf_counter() - start
         return write_summary(folder, cfg, manifest, done, wall, write_seconds(ds))
 
@@ -157,15 +145,24 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
     # One model batch per block, so answers stream to the writer as batches finish rather
     # than when a whole input file is done.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    ds = ds.map_batches(prepare, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.5,
-                        fn_kwargs={"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir,
-                                   "max_pixels": cfg.max_image_pixels, "num_frames": cfg.num_frames,
-                                   "max_video_seconds": cfg.max_video_seconds})
+    prep = {"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir, "max_pixels": cfg.max_image_pixels,
+            "num_frames": cfg.num_frames, "max_video_seconds": cfg.max_video_seconds}
+    if gpus > 0:
+        # The GPU waits on CPU work: a pool of preprocessing workers that grows to the CPUs
+        # the model actors leave (one kept for reading, numbering and writing).
+        spare = max(1, int(cpus) - cfg.concurrency - 1)
+        ds = ds.map_batches(Preparer, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1,
+                            compute=ActorPoolStrategy(min_size=1, max_size=spare), fn_constructor_kwargs=prep)
+        return ds.map_batches(Answerer, batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=1,
+                              compute=ActorPoolStrategy(size=cfg.concurrency), fn_constructor_kwargs={"cfg": cfg})
+    # On CPUs the model's cores are the preprocessing cores, so each model actor preprocesses
+    # its own batches: a separate stage only added a second start-up (~6 s of torch and
+    # transformers imports), serialising tensors across processes, and contention.
+    threads = actor_threads(cfg, cpus)
     return ds.map_batches(
         Answerer, batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
-        num_gpus=gpus, num_cpus=1 if gpus > 0 else min(1.0, cpus / 2),
-        fn_constructor_kwargs={"cfg": cfg, "threads": None if gpus > 0 else actor_threads(cfg, cpus)})
-
+        num_cpus=min(1.0, cpus / 2), runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+        fn_constructor_kwargs={"cfg": cfg, "threads": threads, "prepare": prep})
 
 def actor_threads(cfg: JobConfig, cpus: float) -> int:
     """Torch threads of a CPU model actor. Ray sets OMP_NUM_THREADS to an actor's reserved CPUs

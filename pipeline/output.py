@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
 
-from .common import filesystem, first_line
-from .config import JobError
+from .common import JobError, filesystem, first_line
 
 MANIFEST = "_job.json"
 LOCK = "_job.lock"
@@ -133,6 +133,18 @@ def is_own(name: str, job_id: str) -> bool:
 
 def file_prefix(job_id: str, run: int) -> str:
     return f"{PREFIX}{job_id}-r{run:04d}-"
+
+
+class FileNames(FilenameProvider):
+    """Ray Data names output files `labels-<job id>-r<run>-<write>-<task>.parquet`: the job's own
+    pattern. Here, not in `job`, so that the writing workers import nothing heavy."""
+
+    def __init__(self, prefix: str):
+        super().__init__(file_format="parquet")
+        self.prefix = prefix
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.prefix}{write_uuid}-{task_index:06}.parquet"
 
 
 def run_of(path: str) -> int:

@@ -5,7 +5,6 @@ cannot be processed carries its reason forward in `_error` and ends as an error 
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -74,45 +73,53 @@ def _content_id(image: Any, question: str) -> str:
     return h.hexdigest()[:32]
 
 
-@functools.lru_cache(maxsize=4)
-def _preprocessor(model_path: str) -> Preprocessor:
-    return Preprocessor.from_pretrained(model_path)  # once per worker process
+class Preparer:
+    """CPU preprocessing: ids and questions, then decode images and run the processor, or
+    decode and sample a video's frames. Adds `_prepared`, `_error` and `_note`, drops the
+    image or video.
 
+    A callable class, so that Ray Data starts these workers with the pipeline and the
+    processor loads (torch and transformers import, ~5 s) while the first rows are read,
+    not after; on a CPU-only node the model actor runs one itself. A video's frames travel to the model actor as uint8, which runs the
+    processor there: its float32 output is 4x larger (a 32-frame clip: ~54 MiB)."""
 
-def prepare(batch: pa.Table, cols: Columns, model_path: str, base_dir: str | None, max_pixels: int,
-            num_frames: int = DEFAULT_NUM_FRAMES, max_video_seconds: float = DEFAULT_MAX_SECONDS) -> pa.Table:
-    """Ids and questions, then decode images and run the processor, or decode and sample a
-    video's frames (CPU). Adds `_prepared`, `_error` and `_note`, drops the image or video.
+    def __init__(self, cols: Columns, model_path: str, base_dir: str | None, max_pixels: int,
+                 num_frames: int = DEFAULT_NUM_FRAMES, max_video_seconds: float = DEFAULT_MAX_SECONDS,
+                 preprocessor: Preprocessor | None = None):
+        self.preprocessor = preprocessor or Preprocessor.from_pretrained(model_path)
+        self.cols, self.base_dir, self.max_pixels = cols, base_dir, max_pixels
+        self.num_frames, self.max_video_seconds = num_frames, max_video_seconds
 
-    A video's frames travel to the model actor as uint8, which runs the processor there: its
-    float32 output is 4x larger (a 32-frame clip: ~54 MiB)."""
-    start = time.process_time()
-    batch = assign_ids(batch, cols)
-    preprocessor = _preprocessor(model_path)
-    prepared, errors, notes = [], [], []
-    for cell, question in zip(batch.column(cols.media).to_pylist(), batch.column("question").to_pylist()):
-        note = None
-        try:
-            if cols.video is not None:
-                clip = decode_video(video_bytes(cell, base_dir), num_frames, max_pixels, max_video_seconds)
-                blob, note = st_save({"frames": torch.from_numpy(clip.frames)}), clip.note
-            else:
-                blob = serialize(preprocessor(decode(image_bytes(cell, base_dir), max_pixels), question))
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.process_time()
+        cols = self.cols
+        batch = assign_ids(batch, cols)
+        prepared, errors, notes = [], [], []
+        for cell, question in zip(batch.column(cols.media).to_pylist(), batch.column("question").to_pylist()):
+            blob, note, error = self._one(cell, question)
             prepared.append(blob)
-            errors.append(None)
+            notes.append(note)
+            errors.append(error)
+        batch = batch.drop_columns([cols.media])
+        batch = set_column(batch, PREPARED, pa.array(prepared, pa.binary()))
+        batch = set_column(batch, NOTE, pa.array(notes, pa.string()))
+        cpu = (time.process_time() - start) / max(batch.num_rows, 1)
+        batch = set_column(batch, PREP_SECONDS, pa.array([cpu] * batch.num_rows, pa.float64()))
+        return set_column(batch, ERROR, pa.array(errors, pa.string()))
+
+    def _one(self, cell: Any, question: str) -> tuple[bytes | None, str | None, str | None]:
+        """(prepared bytes, note, error) of one row; never raises."""
+        try:
+            if self.cols.video is not None:
+                clip = decode_video(video_bytes(cell, self.base_dir), self.num_frames, self.max_pixels,
+                                    self.max_video_seconds)
+                return st_save({"frames": torch.from_numpy(clip.frames)}), clip.note, None
+            image = decode(image_bytes(cell, self.base_dir), self.max_pixels)
+            return serialize(self.preprocessor(image, question)), None, None
         except (BadImage, ValueError) as e:
-            prepared.append(None)
-            errors.append(first_line(e))
+            return None, None, first_line(e)
         except Exception as e:  # never fail the batch for one row
-            prepared.append(None)
-            errors.append(f"preprocessing failed: {type(e).__name__}: {first_line(e)}")
-        notes.append(note)
-    batch = batch.drop_columns([cols.media])
-    batch = set_column(batch, PREPARED, pa.array(prepared, pa.binary()))
-    batch = set_column(batch, NOTE, pa.array(notes, pa.string()))
-    cpu = (time.process_time() - start) / max(batch.num_rows, 1)
-    batch = set_column(batch, PREP_SECONDS, pa.array([cpu] * batch.num_rows, pa.float64()))
-    return set_column(batch, ERROR, pa.array(errors, pa.string()))
+            return None, None, f"preprocessing failed: {type(e).__name__}: {first_line(e)}"
 
 
 def serialize(p: Prepared) -> bytes:
@@ -130,9 +137,10 @@ def deserialize(data: bytes, question: str, preprocessor: Preprocessor) -> Prepa
 
 
 class Answerer:
-    """A model actor: loads one PrunedVLM, answers batches of prepared rows."""
+    """A model actor: loads one PrunedVLM, answers batches of prepared rows, or, given
+    `prepare` (a `Preparer`'s arguments), of input rows that it preprocesses itself."""
 
-    def __init__(self, cfg: JobConfig, threads: int | None = None):
+    def __init__(self, cfg: JobConfig, threads: int | None = None, prepare: dict | None = None):
         if threads is not None:  # Ray pins OMP_NUM_THREADS to the actor's reserved CPUs
             torch.set_num_threads(threads)
         self.vlm = PrunedVLM.from_pretrained(cfg.model, method=cfg.method, keep=cfg.keep, rate=cfg.rate,
@@ -140,9 +148,12 @@ class Answerer:
         self.cfg = cfg
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
         self.prunes = self.vlm.method.stage != "none"
+        self.prepare = None if prepare is None else Preparer(**prepare, preprocessor=self.vlm.preprocessor)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
+        if self.prepare is not None:
+            batch = self.prepare(batch)
         errors = batch.column(ERROR).to_pylist()
         samples = self._samples(batch, errors)
         results = self._generate(samples)

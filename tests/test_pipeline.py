@@ -20,7 +20,7 @@ from tiny import good_rows, png, table_of, write_parquet
 from pipeline.config import JobConfig, JobError
 from pipeline.job import actor_threads, read_rows, run
 from pipeline.schema import OUTPUT_SCHEMA
-from pipeline.stages import Answerer, Columns, prepare
+from pipeline.stages import Answerer, Columns, Preparer
 from pruner import PrunedVLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_a_bad_row_never_fails_its_batch(model_dir, tmp_path):
     table = table_of(rows)
     cols = Columns(image="image", question="question", id="key")
     table = table.append_column("input_row", pa.array(range(len(rows)), pa.int64()))
-    staged = prepare(table, cols, model_dir, str(tmp_path), max_pixels=1_000_000)
+    staged = Preparer(cols, model_dir, str(tmp_path), max_pixels=1_000_000)(table)
     out = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4))(staged)
     assert out.num_rows == len(rows)
     assert out.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
