@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -73,15 +75,19 @@ def _content_id(image: Any, question: str) -> str:
     return h.hexdigest()[:32]
 
 
+Sample = Prepared | np.ndarray  # a prepared image row, or a video's uint8 frames [T, H, W, 3]
+
+
 class Preparer:
     """CPU preprocessing: ids and questions, then decode images and run the processor, or
     decode and sample a video's frames. Adds `_prepared`, `_error` and `_note`, drops the
     image or video.
 
     A callable class, so that Ray Data starts these workers with the pipeline and the
-    processor loads (torch and transformers import, ~5 s) while the first rows are read,
-    not after; on a CPU-only node the model actor runs one itself. A video's frames travel to the model actor as uint8, which runs the
-    processor there: its float32 output is 4x larger (a 32-frame clip: ~54 MiB)."""
+    processor loads (torch and transformers import, ~5 s) while the first rows are read, not
+    after; on a CPU-only node the model actor runs one itself (`samples`). A video's frames
+    travel to the model actor as uint8, which runs the processor there: its float32 output is
+    4x larger (a 32-frame clip: ~54 MiB)."""
 
     def __init__(self, cols: Columns, model_path: str, base_dir: str | None, max_pixels: int,
                  num_frames: int = DEFAULT_NUM_FRAMES, max_video_seconds: float = DEFAULT_MAX_SECONDS,
@@ -91,48 +97,52 @@ class Preparer:
         self.num_frames, self.max_video_seconds = num_frames, max_video_seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        batch, samples = self.samples(batch)
+        blobs = [None if x is None else serialize(x) for x in samples]
+        return set_column(batch, PREPARED, pa.array(blobs, pa.binary()))
+
+    def samples(self, batch: pa.Table) -> tuple[pa.Table, list[Sample | None]]:
+        """The batch with ids, `_error`, `_note` and `_prep_seconds` and without its media, and
+        each row's sample (None for an error row)."""
         start = time.process_time()
         cols = self.cols
         batch = assign_ids(batch, cols)
-        prepared, errors, notes = [], [], []
-        for cell, question in zip(batch.column(cols.media).to_pylist(), batch.column("question").to_pylist()):
-            blob, note, error = self._one(cell, question)
-            prepared.append(blob)
-            notes.append(note)
-            errors.append(error)
+        rows = [self._one(cell, q) for cell, q in zip(batch.column(cols.media).to_pylist(),
+                                                      batch.column("question").to_pylist())]
+        samples, notes, errors = (list(x) for x in zip(*rows)) if rows else ([], [], [])
         batch = batch.drop_columns([cols.media])
-        batch = set_column(batch, PREPARED, pa.array(prepared, pa.binary()))
         batch = set_column(batch, NOTE, pa.array(notes, pa.string()))
         cpu = (time.process_time() - start) / max(batch.num_rows, 1)
         batch = set_column(batch, PREP_SECONDS, pa.array([cpu] * batch.num_rows, pa.float64()))
-        return set_column(batch, ERROR, pa.array(errors, pa.string()))
+        return set_column(batch, ERROR, pa.array(errors, pa.string())), samples
 
-    def _one(self, cell: Any, question: str) -> tuple[bytes | None, str | None, str | None]:
-        """(prepared bytes, note, error) of one row; never raises."""
+    def _one(self, cell: Any, question: str) -> tuple[Sample | None, str | None, str | None]:
+        """(sample, note, error) of one row; never raises."""
         try:
             if self.cols.video is not None:
                 clip = decode_video(video_bytes(cell, self.base_dir), self.num_frames, self.max_pixels,
                                     self.max_video_seconds)
-                return st_save({"frames": torch.from_numpy(clip.frames)}), clip.note, None
+                return clip.frames, clip.note, None
             image = decode(image_bytes(cell, self.base_dir), self.max_pixels)
-            return serialize(self.preprocessor(image, question)), None, None
+            return self.preprocessor(image, question), None, None
         except (BadImage, ValueError) as e:
             return None, None, first_line(e)
         except Exception as e:  # never fail the batch for one row
             return None, None, f"preprocessing failed: {type(e).__name__}: {first_line(e)}"
 
 
-def serialize(p: Prepared) -> bytes:
+def serialize(x: Sample) -> bytes:
     """Safetensors bytes: no pickle crosses process boundaries."""
-    return st_save({"input_ids": p.input_ids.contiguous(),
-                    **{f"vision.{k}": v.contiguous() for k, v in p.vision.items()}})
+    if isinstance(x, np.ndarray):
+        return st_save({"frames": torch.from_numpy(x)})
+    return st_save({"input_ids": x.input_ids.contiguous(),
+                    **{f"vision.{k}": v.contiguous() for k, v in x.vision.items()}})
 
 
-def deserialize(data: bytes, question: str, preprocessor: Preprocessor) -> Prepared:
-    """A prepared sample; a video's uint8 frames go through the processor here."""
+def deserialize(data: bytes) -> Sample:
     tensors = st_load(data)
     if "frames" in tensors:
-        return preprocessor(tensors["frames"].numpy(), question)  # [T, H, W, 3] uint8
+        return tensors["frames"].numpy()
     return Prepared(tensors.pop("input_ids"), {k.removeprefix("vision."): v for k, v in tensors.items()})
 
 
@@ -153,9 +163,11 @@ class Answerer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         if self.prepare is not None:
-            batch = self.prepare(batch)
+            batch, given = self.prepare.samples(batch)
+        else:
+            given = [None if b is None else deserialize(b) for b in batch.column(PREPARED).to_pylist()]
         errors = batch.column(ERROR).to_pylist()
-        samples = self._samples(batch, errors)
+        samples = self._samples(given, batch.column("question").to_pylist(), errors)
         results = self._generate(samples)
         seconds = (time.perf_counter() - start) / max(batch.num_rows, 1)
         rows = [self._row(results.get(i, errors[i]), seconds) for i in range(batch.num_rows)]
@@ -186,14 +198,15 @@ class Answerer:
                                          "paper_prefill_flops": f.paper_prefill,
                                          "paper_prefill_flops_unpruned": f.paper_prefill_unpruned})}
 
-    def _samples(self, batch: pa.Table, errors: list[str | None]) -> dict[int, Prepared]:
-        """Prepared samples by row; a row whose video the processor refuses gets its error."""
+    def _samples(self, given: list[Sample | None], questions: list[str],
+                 errors: list[str | None]) -> dict[int, Prepared]:
+        """Prepared samples by row: a video's frames go through the processor here; a row whose
+        video the processor refuses gets its error."""
         out = {}
-        blobs, questions = batch.column(PREPARED).to_pylist(), batch.column("question").to_pylist()
-        for i, blob in enumerate(blobs):
+        for i, x in enumerate(given):
             if errors[i] is None:
                 try:
-                    out[i] = deserialize(blob, questions[i], self.vlm.preprocessor)
+                    out[i] = self.vlm.preprocessor(x, questions[i]) if isinstance(x, np.ndarray) else x
                 except Exception as e:
                     errors[i] = f"preprocessing failed: {type(e).__name__}: {first_line(e)}"
         return out
