@@ -31,39 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from pipeline.benchmarks import bench_pipeline, bench_resume, scene_images, write_report  # noqa: E402
+from pipeline.benchmarks import bench_pipeline, bench_resume, load_model, scene_images, write_report  # noqa: E402
 from pruner import benchmark  # noqa: E402
 from pruner.flops import SHAPES  # noqa: E402
 from pruner.profiling import random_clips  # noqa: E402
 
 
-def load(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
-    """(model, processor, name): --shape's random weights, or the --model checkpoint (default:
-    the demo model) as PrunedVLM.from_pretrained loads it; --random-features: no vision tower."""
-    from transformers import AutoProcessor
-
-    from pipeline.demo import MODEL_DIR
-    from pruner import PrunedVLM
-    from pruner.profiling import random_model, random_vision_tower, shape_processor
-    from pruner.vlm import placement
-
-    device, dtype = placement(args.device, args.dtype and getattr(torch, args.dtype))
-    if args.shape:
-        processor = shape_processor(args.shape) or AutoProcessor.from_pretrained(MODEL_DIR)
-        model = random_model(args.shape, args.layers, processor, dtype, device, args.seed)
-        name = f"random {args.shape} widths, LLM cut to {model.config.text_config.num_hidden_layers} layers"
-    else:
-        path = args.model or str(MODEL_DIR)
-        vlm = PrunedVLM.from_pretrained(path, method="none", dtype=dtype, device=device)
-        model, processor, name = vlm.model, vlm.preprocessor.processor, args.model or f"demo model ({path})"
-    tower = random_vision_tower(model, args.seed) if args.random_features else model
-    return tower, processor, name + (", random features for the vision tower" if args.random_features else "")
-
-
 def run_runtime(args: argparse.Namespace) -> dict:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
     start = time.perf_counter()
-    model, processor, name = load(args)
+    model, processor, name = load_model(args.shape, args.layers, args.model, args.dtype, args.device, args.seed,
+                                        args.random_features)
     log(f"model ready in {time.perf_counter() - start:.1f} s: {name}")
     methods, rates = benchmark.parse_methods(args.methods), [float(r) for r in (args.rates or "").split(",") if r]
     budgets = [(int(k), None) for k in (args.keeps or ("" if rates else "192,128,64")).split(",") if k]

@@ -94,6 +94,31 @@ def bench_resume(rows: int, rows_per_file: int, output: str | None = None) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def load_model(shape: str | None, layers: int | None, model: str | None, dtype: str | None, device: str | None,
+               seed: int, random_features: bool) -> tuple[torch.nn.Module, object, str]:
+    """(model, processor, name) for the runtime benchmark: random weights at `shape`'s widths
+    with the LLM cut to `layers`, or the checkpoint `model` (default: the demo model) as
+    PrunedVLM.from_pretrained loads it; `random_features`: random outputs in place of the tower."""
+    from transformers import AutoProcessor
+
+    from pruner import PrunedVLM
+    from pruner.profiling import random_model, random_vision_tower, shape_processor
+    from pruner.vlm import placement
+
+    from .demo import MODEL_DIR
+
+    device, dtype = placement(device, dtype and getattr(torch, dtype))
+    if shape:
+        processor = shape_processor(shape) or AutoProcessor.from_pretrained(MODEL_DIR)
+        net = random_model(shape, layers, processor, dtype, device, seed)
+        name = f"random {shape} widths, LLM cut to {net.config.text_config.num_hidden_layers} layers"
+    else:
+        vlm = PrunedVLM.from_pretrained(model or str(MODEL_DIR), method="none", dtype=dtype, device=device)
+        net, processor, name = vlm.model, vlm.preprocessor.processor, model or f"demo model ({MODEL_DIR})"
+    tower = random_vision_tower(net, seed) if random_features else net
+    return tower, processor, name + (", random features for the vision tower" if random_features else "")
+
+
 def scene_images(n: int, seed: int = 0) -> list:
     """n distinct seeded synthetic scenes (the demo data's renderer)."""
     from .demo import scenes

@@ -192,7 +192,8 @@ def write_seconds(ds: ray.data.Dataset) -> float | None:
 
 def stage_seconds(t: out_.Totals, wall: float, actors: int, write: float | None) -> dict:
     """Where this run's time went: CPU-seconds of preprocessing, the model actors' busy and
-    idle seconds (idle: waiting for input, starting up, loading the model), writing."""
+    idle seconds (busy: on batches, with their own preprocessing on a CPU-only node; idle:
+    starting up, loading the model, waiting for input), writing."""
     busy = t.model_seconds
     return {"wall": round(wall, 2), "preprocess_cpu": round(t.preprocess_seconds, 2), "model_busy": round(busy, 2),
             "model_idle": round(max(wall * actors - busy, 0.0), 2), "write": None if write is None else round(write, 2),
