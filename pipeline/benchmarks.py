@@ -61,7 +61,8 @@ def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
         job_wall = time.perf_counter() - job_start
         loop_rps = len(table) / (loop_end - loaded)
         rounds.append({"loop_rows_per_second": round(loop_rps, 3), "loop_wall_seconds": round(loop_end - start, 2),
-                       "job_rows_per_second": summary["rows_per_second"], "job_pipeline_seconds": summary["wall_seconds"],
+                       "job_rows_per_second": summary["rows_per_second"],
+                       "job_pipeline_seconds": summary["wall_seconds"],
                        "job_wall_seconds": round(job_wall, 2),
                        "rows_per_second_ratio": round(summary["rows_per_second"] / loop_rps, 3),
                        "wall_ratio": round((loop_end - start) / job_wall, 3),

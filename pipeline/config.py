@@ -191,7 +191,8 @@ def _flags() -> list[tuple[str, dict]]:
     default = {name: f.default for name, f in d.items()}
     return [
         ("input", dict(help="Parquet file, directory or glob (local or s3://...), a datasets.save_to_disk "
-                            "directory, a Hugging Face dataset name, or a folder of images (default: demo eval split)")),
+                            "directory, a Hugging Face dataset name, or a folder of images "
+                            "(default: demo eval split)")),
         ("split", dict(help="split of a Hugging Face dataset or DatasetDict")),
         ("output", dict(help=f"output directory (default: {default['output']})")),
         ("model", dict(help="checkpoint path or name (default: the bundled demo model)")),

@@ -406,12 +406,14 @@ def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]
         "`pruner.flops` predicts (measured-style, 2 per multiply-add); meas./FLOPs = how close to that limit. "
         "Prefill = the LLM on the collated batch; end to end = vision tower + prefill + decode.",
         "",
-        "| method | keep | batch | prefill s | speedup | FLOPs | meas./FLOPs | end-to-end s | speedup | FLOPs | meas./FLOPs |",
+        "| method | keep | batch | prefill s | speedup | FLOPs | meas./FLOPs "
+        "| end-to-end s | speedup | FLOPs | meas./FLOPs |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_budget_cell(r)} | {r['batch']} | {r['prefill_s']:.3f} ± {r['prefill_spread_s'] / 2:.3f} "
+            f"| {r['method']} | {_budget_cell(r)} | {r['batch']} "
+            f"| {r['prefill_s']:.3f} ± {r['prefill_spread_s'] / 2:.3f} "
             f"| {r['prefill_speedup']:.2f}x | {r['prefill_speedup_flops']:.2f}x | {r['prefill_vs_flops']:.2f} "
             + (f"| {r['e2e_s']:.3f} ± {r['e2e_spread_s'] / 2:.3f} | {r['e2e_speedup']:.2f}x "
                f"| {r['e2e_speedup_flops']:.2f}x | {r['e2e_vs_flops']:.2f} |"
@@ -433,7 +435,8 @@ def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]
         rate = " / ".join("-" if r[f"layers_{p}_gflops_per_s"] is None else f"{r[f'layers_{p}_gflops_per_s']:.1f}"
                           for p in ("full", "kept"))
         lines.append(
-            f"| {r['method']} | {_budget_cell(r)} | {r['batch']} | {r['selection_ms']:.1f} | {100 * r['selection_frac']:.2f} % "
+            f"| {r['method']} | {_budget_cell(r)} | {r['batch']} "
+            f"| {r['selection_ms']:.1f} | {100 * r['selection_frac']:.2f} % "
             f"| {rate} "
             f"| {r['peak_prefill_bytes'] / mb:.0f} | {r['peak_generate_bytes'] / mb:.0f} | {r['kv_bytes'] / mb:.1f} "
             f"| {r['kv_ratio']:.3f} | {r['kv_ratio_formula']:.3f} |")

@@ -294,7 +294,8 @@ def sample_flops(config: Any, vision: Mapping[str, Tensor] | int, *, prompt_toke
     unpruned = vision_part + llm.prefill(llm.layers, n, n) + llm.decode(llm.layers, n, n, steps)
     return Flops(flops_vision=vision_part, flops_prefill=prefill, flops_decode=decode,
                  flops_total=vision_part + prefill + decode, flops_total_unpruned=unpruned,
-                 paper_prefill=llm.paper_prefill(full, n, kept), paper_prefill_unpruned=llm.paper_prefill(llm.layers, n, n))
+                 paper_prefill=llm.paper_prefill(full, n, kept),
+                 paper_prefill_unpruned=llm.paper_prefill(llm.layers, n, n))
 
 
 # ---------------------------------------------------------------------- shapes
