@@ -21,7 +21,9 @@ from .common import filesystem
 def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
                    threads_per_actor: int | None = None, repeats: int = 3) -> dict:
     """The caption job (Ray Data) against a plain loop over the same model, rows, batch size
-    and budget, in `repeats` interleaved rounds (loop, then job, each from a cold start).
+    and budget, in `repeats` rounds, each from a cold start. The order alternates (loop then
+    job, then job then loop): this machine's speed drifts by ~10 % over minutes, and a fixed
+    order would charge the drift to one side.
 
     The loop loads the model, then decodes and preprocesses each batch inline and calls
     `PrunedVLM.generate`, as a user's ten lines would. Two ratios: rows/s over pipeline time
@@ -29,43 +31,26 @@ def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
     start-up and load included, Ray's own start not), and wall time with everything (the
     loop's model load; the job's `ray.init`, actor start-up and model load)."""
     import pyarrow.parquet as pq
-    import ray
-    from PIL import Image
 
-    from pruner import PrunedVLM
-
-    from .demo import EVAL_PARQUET, MODEL_DIR
-    from .job import JobConfig, actor_threads, run
+    from .demo import EVAL_PARQUET
 
     table = pq.read_table(EVAL_PARQUET).slice(0, rows).to_pylist()
     rounds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        vlm = PrunedVLM.from_pretrained(str(MODEL_DIR), method="vlm-pruner", keep=64)
-        loaded = time.perf_counter()
-        for i in range(0, len(table), batch_size):
-            chunk = table[i : i + batch_size]
-            images = [Image.open(io.BytesIO(r["image"])) for r in chunk]
-            vlm.generate(images, [r["question"] for r in chunk], max_new_tokens=max_new_tokens)
-        loop_end = time.perf_counter()
-        del vlm
-        cfg = JobConfig(output=output, limit=len(table), batch_size=batch_size, overwrite=True,
-                        max_new_tokens=max_new_tokens, threads_per_actor=threads_per_actor)
-        job_start = time.perf_counter()
-        ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
-        try:
-            summary = run(cfg)
-            threads = actor_threads(cfg, ray.cluster_resources()["CPU"])
-        finally:
-            ray.shutdown()
-        job_wall = time.perf_counter() - job_start
-        loop_rps = len(table) / (loop_end - loaded)
-        rounds.append({"loop_rows_per_second": round(loop_rps, 3), "loop_wall_seconds": round(loop_end - start, 2),
+    for i in range(repeats):
+        if i % 2 == 0:
+            loop = _loop(table, batch_size, max_new_tokens)
+            job = _job(len(table), batch_size, max_new_tokens, output, threads_per_actor)
+        else:
+            job = _job(len(table), batch_size, max_new_tokens, output, threads_per_actor)
+            loop = _loop(table, batch_size, max_new_tokens)
+        summary, threads = job.pop("summary"), job.pop("actor_threads")
+        loop_rps = len(table) / loop["seconds"]
+        rounds.append({"order": "loop, job" if i % 2 == 0 else "job, loop",
+                       "loop_rows_per_second": round(loop_rps, 3), "loop_wall_seconds": round(loop["wall"], 2),
                        "job_rows_per_second": summary["rows_per_second"],
-                       "job_pipeline_seconds": summary["wall_seconds"],
-                       "job_wall_seconds": round(job_wall, 2),
+                       "job_pipeline_seconds": summary["wall_seconds"], "job_wall_seconds": round(job["wall"], 2),
                        "rows_per_second_ratio": round(summary["rows_per_second"] / loop_rps, 3),
-                       "wall_ratio": round((loop_end - start) / job_wall, 3),
+                       "wall_ratio": round(loop["wall"] / job["wall"], 3),
                        "seconds": summary["seconds"], "bound_by": summary["bound_by"]})
     return {"rows": len(table), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
             "torch_threads": torch.get_num_threads(), "actor_threads": threads,
@@ -73,6 +58,43 @@ def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
             **{f"{key}_spread": [min(r[key] for r in rounds), max(r[key] for r in rounds)]
                for key in ("rows_per_second_ratio", "wall_ratio")},
             "rounds": rounds}
+
+
+def _loop(table: list[dict], batch_size: int, max_new_tokens: int) -> dict:
+    """A user's loop: load the model, then decode, preprocess and generate batch by batch."""
+    from PIL import Image
+
+    from pruner import PrunedVLM
+
+    from .demo import MODEL_DIR
+
+    start = time.perf_counter()
+    vlm = PrunedVLM.from_pretrained(str(MODEL_DIR), method="vlm-pruner", keep=64)
+    loaded = time.perf_counter()
+    for i in range(0, len(table), batch_size):
+        chunk = table[i : i + batch_size]
+        images = [Image.open(io.BytesIO(r["image"])) for r in chunk]
+        vlm.generate(images, [r["question"] for r in chunk], max_new_tokens=max_new_tokens)
+    end = time.perf_counter()
+    return {"seconds": end - loaded, "wall": end - start}
+
+
+def _job(rows: int, batch_size: int, max_new_tokens: int, output: str, threads_per_actor: int | None) -> dict:
+    """The caption job on the same rows from a cold Ray start (`--overwrite`)."""
+    import ray
+
+    from .job import JobConfig, actor_threads, run
+
+    cfg = JobConfig(output=output, limit=rows, batch_size=batch_size, overwrite=True,
+                    max_new_tokens=max_new_tokens, threads_per_actor=threads_per_actor)
+    start = time.perf_counter()
+    ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    try:
+        summary = run(cfg)
+        threads = actor_threads(cfg, ray.cluster_resources()["CPU"])
+    finally:
+        ray.shutdown()
+    return {"summary": summary, "actor_threads": threads, "wall": time.perf_counter() - start}
 
 
 def _median(xs: list[float]) -> float:
