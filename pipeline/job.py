@@ -2,6 +2,8 @@
 
 read -> number rows, skip done ones -> ids, decode + preprocess -> model actors -> Parquet.
 
+With GPUs, preprocessing runs in CPU workers ahead of the model actors; on CPUs, inside them.
+
 Before any work the output folder is checked and locked, and its manifest compared with
 this configuration (`pipeline.output` says what the folder holds).
 """
