@@ -166,6 +166,7 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
         num_cpus=min(1.0, cpus / 2), runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
         fn_constructor_kwargs={"cfg": cfg, "threads": threads, "prepare": prep})
 
+
 def actor_threads(cfg: JobConfig, cpus: float) -> int:
     """Torch threads of a CPU model actor. Ray sets OMP_NUM_THREADS to an actor's reserved CPUs
     (1 here, or less, so that reading and preprocessing are never starved), which left torch

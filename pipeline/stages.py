@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -24,8 +23,8 @@ from pruner.models import Prepared
 
 from .config import DEFAULT_QUESTION, JobConfig
 from .images import BadImage, decode, image_bytes
-from .numbering import set_column
 from .common import first_line
+from .numbering import set_column
 from .schema import ERROR, NOTE, OUTPUT_COLUMNS, PREP_SECONDS, PREPARED, output_table
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES, decode_video, video_bytes
 
