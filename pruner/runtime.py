@@ -184,20 +184,31 @@ class Plan:
 
 
 def select(plan: Plan, batch: Batch, signals: dict[str, Callable[[int, Tensor], Tensor]]) -> list[Selection]:
-    """Per-sample selection (samples differ in N). signals[name](b, columns) -> tensor."""
-    out = []
+    """One Selection a sample. Samples that share N, grid and budget go to the method's
+    `run_batch` together where it has one, else one `run` a sample.
+    signals[name](b, columns) -> that sample's tensor."""
+    out: list[Selection | None] = [None] * len(batch.image_positions)
+    groups: dict[tuple, list[int]] = {}
     for b, (cols, grid) in enumerate(zip(batch.image_positions, batch.grids)):
         n = len(cols)
         budget = plan.keep_for(n)
         if budget >= n:
-            out.append(Selection(torch.arange(n, device=cols.device)))
-            continue
-        missing = plan.method.needs - signals.keys()
-        if missing:
-            raise ValueError(f"method {plan.method.name!r} needs {sorted(missing)}, not available "
-                             f"at its stage ({plan.method.stage})")
-        sig = Signals(grid=grid, **{name: signals[name](b, cols) for name in plan.method.needs})
-        out.append(plan.method.run(sig, budget, **plan.params))
+            out[b] = Selection(torch.arange(n, device=cols.device))
+        else:
+            groups.setdefault((n, repr(grid), budget), []).append(b)
+    missing = plan.method.needs - signals.keys()
+    if groups and missing:
+        raise ValueError(f"method {plan.method.name!r} needs {sorted(missing)}, not available "
+                         f"at its stage ({plan.method.stage})")
+    for (_, _, budget), members in groups.items():
+        sigs = [Signals(grid=batch.grids[b], **{name: signals[name](b, batch.image_positions[b])
+                                                 for name in plan.method.needs}) for b in members]
+        if plan.method.run_batch is not None and len(members) > 1:
+            picked = plan.method.run_batch(sigs, budget, **plan.params)
+        else:
+            picked = [plan.method.run(s, budget, **plan.params) for s in sigs]
+        for b, sel in zip(members, picked):
+            out[b] = sel
     return out
 
 

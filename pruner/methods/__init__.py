@@ -2,8 +2,10 @@
 
 Each method module is pure tensor code and declares where it runs (`STAGE`), which signals
 it reads (`NEEDS`), its tunable parameters (`PARAMS`) and an adapter `run(signals, keep,
-**params) -> Selection`. The runtime computes only the signals a method needs and never
-looks at a method's name.
+**params) -> Selection`; a method whose selection is a sequential greedy loop also gives
+`run_batch(signals_list, keep, **params) -> list[Selection]` for samples that share N, grid
+and budget, so that a GPU pays one sample's kernel launches per batch, not one per sample.
+The runtime computes only the signals a method needs and never looks at a method's name.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Method:
     needs: frozenset[str] = field(default_factory=frozenset)
     params: tuple[str, ...] = ()
     run: Callable[..., Selection] | None = None
+    run_batch: Callable[..., list[Selection]] | None = None  # same results as `run` per sample
 
     def check_params(self, params: dict) -> None:
         unknown = sorted(set(params) - set(self.params))
@@ -54,7 +57,7 @@ class Method:
 
 def _from_module(name: str, module: ModuleType) -> Method:
     assert module.NEEDS <= SIGNALS, module.NEEDS - SIGNALS
-    return Method(name, module.STAGE, module.NEEDS, module.PARAMS, module.run)
+    return Method(name, module.STAGE, module.NEEDS, module.PARAMS, module.run, getattr(module, "run_batch", None))
 
 
 METHODS: dict[str, Method] = {

@@ -50,10 +50,43 @@ def select(
     `official=True` reproduces the reference code: a round that adds nothing ends the
     selection (fewer than `keep` may come back) and keep < pivots still keeps all pivots.
     """
-    keep = check_keep(keep)
     hidden = check_matrix("hidden", hidden)
-    n = hidden.shape[0]
-    keys = check_matrix("keys", keys, rows=n)
+    keys = check_matrix("keys", keys, rows=hidden.shape[0])
+    return select_batch(keys[None], hidden[None], grid, keep, official=official, pivots=pivots, chunk=chunk,
+                        tau=tau, lam=lam, channels=channels, alpha=alpha, temporal_scale=temporal_scale)[0]
+
+
+def select_batch(
+    keys: Tensor,
+    hidden: Tensor,
+    grid: Grid,
+    keep: int,
+    *,
+    official: bool = False,
+    pivots: int = 4,
+    chunk: int = 16,
+    tau: float = 0.8,
+    lam: float = 0.5,
+    channels: int = 256,
+    alpha: float = 0.3,
+    temporal_scale: float = 1.0,
+) -> list[tuple[Tensor, Tensor]]:
+    """`select` for B samples that share N, the grid and the budget, in one pass of tensor
+    ops over the batch: keys [B, N, Dk], hidden [B, N, D] -> one (indices, merged) a sample.
+
+    The greedy rounds run in lockstep: every sample ranks its own candidates and walks its
+    own chunks, and a sample whose round (or selection) has ended only idles. On a GPU the
+    cost is then one sample's kernel launches, not B times them. `select` is this with B = 1,
+    so a sample gets the same tokens alone or in a batch (up to the last bit of a batched
+    matmul's rounding, which can differ with B).
+    """
+    keep = check_keep(keep)
+    for name, x in (("keys", keys), ("hidden", hidden)):
+        if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point() or x.shape[1] == 0:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a 3-D floating tensor [B, N, D] with N >= 1, got {shape}")
+    if keys.shape[:2] != hidden.shape[:2]:
+        raise ValueError(f"keys {tuple(keys.shape)} and hidden {tuple(hidden.shape)} differ in [B, N]")
     for name, value in (("pivots", pivots), ("chunk", chunk), ("channels", channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -63,18 +96,20 @@ def select(
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if isinstance(temporal_scale, bool) or not isinstance(temporal_scale, (int, float)) or not temporal_scale >= 0:
         raise ValueError(f"temporal_scale must be a number >= 0, got {temporal_scale!r}")
+    b, n = hidden.shape[:2]
     coords, diag = grid_coords(grid, n, hidden.device, float(temporal_scale))
     if keep >= n:
-        return torch.arange(n, device=hidden.device), hidden
+        return [(torch.arange(n, device=hidden.device), h) for h in hidden]
 
-    x = unit_rows(_screen_channels(hidden.float(), channels))  # [N, C]
+    x = unit_rows(_screen_channels(hidden.float(), channels))  # [B, N, C]
     n_pivots = min(pivots if official else min(pivots, keep), n)
-    order = _pivots(keys.float(), n_pivots)
-    order = _bss(x, coords / diag, order, keep, chunk=chunk, tau=tau, lam=lam, official=official)
-    kept = torch.tensor(order, device=hidden.device)  # selection order
-    merged = _swa(x, hidden, kept, alpha)
-    indices, perm = kept.sort()
-    return indices, merged[perm]
+    first = _pivots(keys.float(), n_pivots)  # [B, P]
+    order = _bss(x, coords / diag, first, keep, chunk=chunk, tau=tau, lam=lam, official=official)  # [B, N]
+    kept, count = _by_order(order, max(keep, n_pivots))  # [B, K] in selection order, [B]
+    merged = _swa(x, hidden, kept, alpha)  # [B, K, D]
+    indices, perm = kept.sort(dim=1)  # padding (index N) sorts last
+    merged = merged.gather(1, perm[:, :, None].expand_as(merged))
+    return [(indices[i, :k], merged[i, :k]) for i, k in enumerate(count.tolist())]
 
 
 def run(signals, keep: int, **params) -> Selection:
@@ -82,95 +117,137 @@ def run(signals, keep: int, **params) -> Selection:
     return Selection(indices, merged)
 
 
+def run_batch(signals: list, keep: int, **params) -> list[Selection]:
+    """One call for samples that share N, grid and budget (the runtime groups them)."""
+    keys = torch.stack([s.keys for s in signals])  # [B, N, Dk]
+    hidden = torch.stack([s.hidden for s in signals])  # [B, N, D]
+    return [Selection(i, m) for i, m in select_batch(keys, hidden, signals[0].grid, keep, **params)]
+
+
 def _screen_channels(hidden: Tensor, channels: int) -> Tensor:
-    """The `channels` columns with the highest variance over the image tokens."""
-    if hidden.shape[1] <= channels:
+    """The `channels` columns with the highest variance over a sample's image tokens."""
+    if hidden.shape[2] <= channels:
         return hidden
-    top = hidden.var(dim=0).topk(channels).indices
-    return hidden[:, top]  # [N, C]
+    top = hidden.var(dim=1).topk(channels, dim=1).indices  # [B, C]
+    return hidden.gather(2, top[:, None, :].expand(-1, hidden.shape[1], -1))  # [B, N, C]
 
 
-def _pivots(keys: Tensor, count: int) -> list[int]:
-    """First: the largest L1 norm. Then farthest-point sampling on Euclidean key distance."""
-    chosen = [int(keys.abs().sum(dim=1).argmax())]
-    nearest = (keys - keys[chosen[0]]).norm(dim=1)  # [N] distance to the nearest pivot
+def _pivots(keys: Tensor, count: int) -> Tensor:
+    """First: the largest L1 norm. Then farthest-point sampling on Euclidean key distance.
+    keys [B, N, Dk] -> [B, count] in the order chosen. Squared distances come from
+    |a|^2 + |b|^2 - 2 a.b, a matmul, rather than from a [B, N, Dk] difference a pivot."""
+    rows = torch.arange(keys.shape[0], device=keys.device)
+    square = keys.square().sum(dim=2)  # [B, N]
+
+    def distance2(p: Tensor) -> Tensor:  # [B] pivot -> [B, N]
+        return (square + square[rows, p][:, None] - 2 * (keys @ keys[rows, p][:, :, None]).squeeze(2)).clamp_min(0)
+
+    chosen = [keys.abs().sum(dim=2).argmax(dim=1)]  # [B]
+    nearest = distance2(chosen[0])  # [B, N] squared distance to the nearest pivot
     while len(chosen) < count:
-        nxt = int(nearest.argmax())
-        chosen.append(nxt)
-        nearest = torch.minimum(nearest, (keys - keys[nxt]).norm(dim=1))
-    return chosen
+        nearest[rows, chosen[-1]] = -torch.inf  # never twice, even when all keys coincide
+        chosen.append(nearest.argmax(dim=1))
+        nearest = torch.minimum(nearest, distance2(chosen[-1]))
+    return torch.stack(chosen, dim=1)
 
 
 def _bss(
-    x: Tensor, xy: Tensor, selected: list[int], keep: int, *,
+    x: Tensor, xyt: Tensor, first: Tensor, keep: int, *,
     chunk: int, tau: float, lam: float, official: bool,
-) -> list[int]:
-    """Grow `selected` (in selection order) to `keep` tokens by rounds of chunked acceptance.
+) -> Tensor:
+    """Grow the pivots to `keep` tokens by rounds of chunked acceptance; returns each token's
+    position in the selection order, [B, N] (N: not selected).
 
+    x [B, N, C] unit rows, xyt [N, 3] normalized coordinates, first [B, P] the pivots.
     The buffer factor (1 + lam * delta_i) depends on the candidate only, so
-    max_s Mb[i, s] = (1 + lam * delta_i) * max_s M[i, s]; both maxima are kept as [N]
-    vectors and updated as tokens are accepted: O(N) per accepted token.
+    max_s Mb[i, s] = (1 + lam * delta_i) * max_s M[i, s]; both maxima are kept as [B, N]
+    and updated as tokens are accepted: O(N) per accepted token. Padding slots point at a
+    sink column N that is never a candidate.
     """
-    n, dev = x.shape[0], x.device
-    max_sim = torch.full((n,), -torch.inf, device=dev)  # [N] max_s M[i, s]
-    min_dist = torch.full((n,), torch.inf, device=dev)  # [N] delta_i, normalized grid distance
-    in_set = torch.zeros(n, dtype=torch.bool, device=dev)
+    b, n, dev = x.shape[0], x.shape[1], x.device
+    x = torch.cat([x, x.new_zeros(b, 1, x.shape[2])], dim=1)  # [B, N+1, C], row N: the sink
+    xyt = torch.cat([xyt, xyt.new_zeros(1, 3)])  # [N+1, 3]
+    rows = torch.arange(b, device=dev)[:, None]  # [B, 1]
+    max_sim = torch.full((b, n + 1), -torch.inf, device=dev)  # max_s M[i, s]
+    min_dist = torch.full((b, n + 1), torch.inf, device=dev)  # delta_i, normalized grid distance
+    order = torch.full((b, n + 1), n, dtype=torch.long, device=dev)
 
-    def add(new: list[int]) -> None:
+    def add(members: Tensor, accept: Tensor, position: Tensor) -> None:
+        """members, accept, position: [B, S]; accepted members take their order position."""
         nonlocal max_sim, min_dist
-        idx = torch.tensor(new, device=dev)
-        max_sim = torch.maximum(max_sim, (x @ x[idx].T).max(dim=1).values)
-        grid_dist = (xy[:, None, :] - xy[None, idx, :]).norm(dim=-1)  # [N, new]; xy: [N, 3]
-        min_dist = torch.minimum(min_dist, grid_dist.min(dim=1).values)
-        in_set[idx] = True
+        drop = ~accept[:, None, :]  # [B, 1, S]
+        sim = (x @ x[rows, members].transpose(1, 2)).masked_fill(drop, -torch.inf)  # [B, N+1, S]
+        max_sim = torch.maximum(max_sim, sim.max(dim=2).values)
+        dist = (xyt[None, :, None, :] - xyt[members][:, None, :, :]).norm(dim=-1)  # [B, N+1, S]
+        min_dist = torch.minimum(min_dist, dist.masked_fill(drop, torch.inf).min(dim=2).values)
+        order.scatter_(1, members, torch.where(accept, position, order.gather(1, members)))
 
     def buffered(idx: Tensor) -> Tensor:
-        return (1 + lam * min_dist[idx]) * max_sim[idx]
+        return (1 + lam * min_dist.gather(1, idx)) * max_sim.gather(1, idx)
 
-    add(selected)
-    while len(selected) < keep:
-        candidates = (~in_set).nonzero().squeeze(1)
+    p = first.shape[1]
+    add(first, torch.ones_like(first, dtype=torch.bool), torch.arange(p, device=dev).expand(b, p))
+    count = torch.full((b,), p, device=dev)
+    active = count < keep  # [B] still selecting
+    slots = torch.arange(chunk, device=dev)  # [S]
+    while bool(active.any()):
+        candidates = order[:, :n] == n  # [B, N]
         # round-start ranking: best score 1 - max Mb first, ties by index
-        ranked = candidates[buffered(candidates).sort(stable=True).indices]
-        added = 0
-        for start in range(0, len(ranked), chunk):
-            members = ranked[start : start + chunk]
-            mb = buffered(members)
-            accept = members[mb < tau]
-            room = keep - len(selected)
-            if len(accept) > room:  # overflow: the best of this chunk by the fresh scores
-                accept = members[mb.sort(stable=True).indices[:room]]
-            if len(accept) == 0:
-                if start == 0:  # nothing passes: later members rank lower, S is unchanged
-                    break
-                continue
-            selected += accept.tolist()
-            added += len(accept)
-            add(accept.tolist())
-            if len(selected) == keep:
+        score = ((1 + lam * min_dist) * max_sim)[:, :n].masked_fill(~candidates, torch.inf)
+        ranked = score.sort(dim=1, stable=True).indices  # [B, N], this round's candidates first
+        in_round, added, n_candidates = active.clone(), torch.zeros_like(count), (n - count)[:, None]
+        for start in range(0, n, chunk):
+            valid = ((start + slots < n_candidates) & in_round[:, None])[:, : min(chunk, n - start)]  # [B, S]
+            members = ranked[:, start : start + chunk].masked_fill(~valid, n)
+            mb = buffered(members).masked_fill(~valid, torch.inf)
+            passing = mb < tau
+            # overflow: the best `room` of this chunk by the fresh scores, in that order
+            rank = torch.empty_like(members).scatter_(1, mb.sort(dim=1, stable=True).indices,
+                                                       slots[: members.shape[1]].expand_as(members))
+            room = (keep - count)[:, None]
+            overflow = passing.sum(dim=1, keepdim=True) > room
+            accept = torch.where(overflow, rank < room, passing) & valid
+            position = count[:, None] + torch.where(overflow, rank, accept.cumsum(dim=1) - 1)
+            add(members, accept, position)
+            taken = accept.sum(dim=1)
+            count, added = count + taken, added + taken
+            # nothing passes in the first chunk: later ones rank lower, so the round is over
+            in_round &= (count < keep) & ((taken > 0) | (start > 0))
+            if not bool(in_round.any()):
                 break
-        if added == 0 and official:
-            break  # reference early stop: fewer than keep tokens
+        if official:
+            active &= added > 0  # reference early stop: fewer than keep tokens
+        active &= count < keep
         tau += TAU_STEP
-    return selected
+    return order[:, :n]
+
+
+def _by_order(order: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Selected token indices in selection order, padded with N: ([B, size], count [B])."""
+    n = order.shape[1]
+    count = (order < n).sum(dim=1)
+    kept = order.argsort(dim=1, stable=True)[:, :size]  # [B, size]
+    return kept.masked_fill(torch.arange(size, device=order.device) >= count[:, None], n), count
 
 
 def _swa(x: Tensor, hidden: Tensor, kept: Tensor, alpha: float) -> Tensor:
-    """New hidden states of `kept` (in selection order): each dropped token joins the kept
-    token it is most similar to (ties: the one selected first), weighted by similarity."""
-    n = x.shape[0]
-    dropped_mask = torch.ones(n, dtype=torch.bool, device=x.device)
-    dropped_mask[kept] = False
-    dropped = dropped_mask.nonzero().squeeze(1)
-    out = hidden[kept].float()  # [k, D]
-    if len(dropped) == 0:
-        return out.to(hidden.dtype)
-    sim = x[dropped] @ x[kept].T  # [Nd, k]
-    best, owner = sim.max(dim=1)  # argmax takes the first maximum: earliest selected
-    weights = torch.zeros(len(kept), len(dropped), device=x.device)  # [k, Nd]
-    weights[owner, torch.arange(len(dropped), device=x.device)] = best
-    total = weights.sum(dim=1, keepdim=True)  # [k, 1]
-    merges = total.squeeze(1) > 0
-    pooled = (weights / total.where(merges.unsqueeze(1), 1.0)) @ hidden[dropped].float()  # [k, D]
-    out[merges] = alpha * out[merges] + (1 - alpha) * pooled[merges]
+    """New hidden states of `kept` [B, K] (in selection order, N = padding): each dropped
+    token joins the kept token it is most similar to (ties: the one selected first),
+    weighted by similarity. Returns [B, K, D]; padding rows are zeros."""
+    b, n = x.shape[:2]
+    rows = torch.arange(b, device=x.device)[:, None]  # [B, 1]
+    real = kept < n  # [B, K]
+    safe = kept.clamp_max(n - 1)
+    dropped = torch.ones(b, n + 1, dtype=torch.bool, device=x.device)
+    dropped[rows, kept] = False
+    dropped = dropped[:, :n]  # [B, N]
+    sim = (x @ x[rows, safe].transpose(1, 2)).masked_fill(~real[:, None, :], -torch.inf)  # [B, N, K]
+    best, owner = sim.max(dim=2)  # [B, N]; argmax takes the first maximum: earliest selected
+    weights = torch.zeros(b, kept.shape[1], n, device=x.device)  # [B, K, N]
+    weights.scatter_(1, owner[:, None, :], torch.where(dropped, best, 0.0)[:, None, :])
+    total = weights.sum(dim=2, keepdim=True)  # [B, K, 1]
+    merges = total > 0
+    pooled = (weights / total.where(merges, 1.0)) @ hidden.float()  # [B, K, D]
+    out = hidden[rows, safe].float()  # [B, K, D]
+    out = torch.where(merges, alpha * out + (1 - alpha) * pooled, out).masked_fill(~real[:, :, None], 0.0)
     return out.to(hidden.dtype)
