@@ -2,8 +2,8 @@
 same tokens as the sequential one-sample reading of the paper (tests/vlm_pruner_reference.py)."""
 import pytest
 import torch
-
 import vlm_pruner_reference as reference
+
 from pruner.methods import Signals, vlm_pruner
 
 

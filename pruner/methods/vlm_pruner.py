@@ -96,7 +96,7 @@ def select_batch(
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if isinstance(temporal_scale, bool) or not isinstance(temporal_scale, (int, float)) or not temporal_scale >= 0:
         raise ValueError(f"temporal_scale must be a number >= 0, got {temporal_scale!r}")
-    b, n = hidden.shape[:2]
+    n = hidden.shape[1]
     coords, diag = grid_coords(grid, n, hidden.device, float(temporal_scale))
     if keep >= n:
         return [(torch.arange(n, device=hidden.device), h) for h in hidden]
