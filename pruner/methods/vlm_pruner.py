@@ -196,7 +196,13 @@ def _bss(
         score = ((1 + lam * min_dist) * max_sim)[:, :n].masked_fill(~candidates, torch.inf)
         ranked = score.sort(dim=1, stable=True).indices  # [B, N], this round's candidates first
         in_round, added, n_candidates = active.clone(), torch.zeros_like(count), (n - count)[:, None]
-        for start in range(0, n, chunk):
+        # M only grows within a round and 1 + lam * delta >= 1, so a candidate whose M is
+        # already >= max(tau, 0) cannot pass before the round ends: stop after the last chunk
+        # that holds one that can (one host sync a round, not a walk over every chunk).
+        hopeless = ((max_sim[:, :n] >= max(tau, 0.0)) | ~candidates).gather(1, ranked)  # [B, N], ranked order
+        hope = torch.where(hopeless, -1, torch.arange(n, device=dev)).masked_fill(~active[:, None], -1)
+        end = int(hope.max()) + 1
+        for start in range(0, max(end, 1), chunk):
             valid = ((start + slots < n_candidates) & in_round[:, None])[:, : min(chunk, n - start)]  # [B, S]
             members = ranked[:, start : start + chunk].masked_fill(~valid, n)
             mb = buffered(members).masked_fill(~valid, torch.inf)
