@@ -171,56 +171,67 @@ def _bss(
     max_sim = torch.full((b, n + 1), -torch.inf, device=dev)  # max_s M[i, s]
     min_dist = torch.full((b, n + 1), torch.inf, device=dev)  # delta_i, normalized grid distance
     order = torch.full((b, n + 1), n, dtype=torch.long, device=dev)
+    grow = 1 + lam * min_dist  # [B, N+1] the buffer factor 1 + lam * delta_i
 
     def add(members: Tensor, accept: Tensor, position: Tensor) -> None:
         """members, accept, position: [B, S]; accepted members take their order position."""
-        nonlocal max_sim, min_dist
+        nonlocal max_sim, min_dist, grow
         drop = ~accept[:, None, :]  # [B, 1, S]
         sim = (x @ x[rows, members].transpose(1, 2)).masked_fill(drop, -torch.inf)  # [B, N+1, S]
         max_sim = torch.maximum(max_sim, sim.max(dim=2).values)
         dist = (xyt[None, :, None, :] - xyt[members][:, None, :, :]).norm(dim=-1)  # [B, N+1, S]
         min_dist = torch.minimum(min_dist, dist.masked_fill(drop, torch.inf).min(dim=2).values)
+        grow = 1 + lam * min_dist
         order.scatter_(1, members, torch.where(accept, position, order.gather(1, members)))
 
     def buffered(idx: Tensor) -> Tensor:
-        return (1 + lam * min_dist.gather(1, idx)) * max_sim.gather(1, idx)
+        return grow.gather(1, idx) * max_sim.gather(1, idx)
 
     p = first.shape[1]
     add(first, torch.ones_like(first, dtype=torch.bool), torch.arange(p, device=dev).expand(b, p))
     count = torch.full((b,), p, device=dev)
     active = count < keep  # [B] still selecting
-    slots = torch.arange(chunk, device=dev)  # [S]
+    slots, positions = torch.arange(chunk, device=dev), torch.arange(n, device=dev)  # [S], [N]
     while bool(active.any()):
         candidates = order[:, :n] == n  # [B, N]
         # round-start ranking: best score 1 - max Mb first, ties by index
-        score = ((1 + lam * min_dist) * max_sim)[:, :n].masked_fill(~candidates, torch.inf)
+        score = (grow * max_sim)[:, :n].masked_fill(~candidates, torch.inf)
         ranked = score.sort(dim=1, stable=True).indices  # [B, N], this round's candidates first
         in_round, added, n_candidates = active.clone(), torch.zeros_like(count), (n - count)[:, None]
         # M only grows within a round and 1 + lam * delta >= 1, so a candidate whose M is
         # already >= max(tau, 0) cannot pass before the round ends: stop after the last chunk
         # that holds one that can (one host sync a round, not a walk over every chunk).
         hopeless = ((max_sim[:, :n] >= max(tau, 0.0)) | ~candidates).gather(1, ranked)  # [B, N], ranked order
-        hope = torch.where(hopeless, -1, torch.arange(n, device=dev)).masked_fill(~active[:, None], -1)
-        end = int(hope.max()) + 1
+        end = int(torch.where(hopeless | ~active[:, None], -1, positions).max()) + 1
+
+        def framed() -> tuple[Tensor, Tensor]:  # who is still in the round, over the whole ranking
+            valid = (positions < n_candidates) & in_round[:, None]  # [B, N]
+            return valid, ranked.masked_fill(~valid, n)
+
+        valid_all, members_all = framed()
         for start in range(0, max(end, 1), chunk):
-            valid = ((start + slots < n_candidates) & in_round[:, None])[:, : min(chunk, n - start)]  # [B, S]
-            members = ranked[:, start : start + chunk].masked_fill(~valid, n)
-            mb = buffered(members).masked_fill(~valid, torch.inf)
-            passing = mb < tau
-            # overflow: the best `room` of this chunk by the fresh scores, in that order
-            rank = torch.empty_like(members).scatter_(1, mb.sort(dim=1, stable=True).indices,
-                                                       slots[: members.shape[1]].expand_as(members))
-            room = (keep - count)[:, None]
-            overflow = passing.sum(dim=1, keepdim=True) > room
-            accept = torch.where(overflow, rank < room, passing) & valid
-            position = count[:, None] + torch.where(overflow, rank, accept.cumsum(dim=1) - 1)
+            valid, members = valid_all[:, start : start + chunk], members_all[:, start : start + chunk]  # [B, S]
+            accept = (buffered(members) < tau) & valid
+            if not bool(accept.any()):  # most chunks: one sync and nothing to update
+                if start == 0:
+                    break  # nothing passes in the first chunk: later ones rank lower, the round is over
+                continue
+            taken, room = accept.sum(dim=1), keep - count
+            position = count[:, None] + accept.cumsum(dim=1) - 1
+            if bool((taken > room).any()):  # overflow: the best `room` by the fresh scores, in that order
+                mb = buffered(members).masked_fill(~valid, torch.inf)
+                rank = torch.empty_like(members).scatter_(1, mb.sort(dim=1, stable=True).indices,
+                                                           slots[: members.shape[1]].expand_as(members))
+                overflow = (taken > room)[:, None]
+                accept = torch.where(overflow, rank < room[:, None], accept) & valid
+                position = torch.where(overflow, count[:, None] + rank, position)
+                taken = accept.sum(dim=1)
             add(members, accept, position)
-            taken = accept.sum(dim=1)
             count, added = count + taken, added + taken
-            # nothing passes in the first chunk: later ones rank lower, so the round is over
             in_round &= (count < keep) & ((taken > 0) | (start > 0))
             if not bool(in_round.any()):
                 break
+            valid_all, members_all = framed()
         if official:
             active &= added > 0  # reference early stop: fewer than keep tokens
         active &= count < keep
