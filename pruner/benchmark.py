@@ -149,7 +149,7 @@ def measure_batch(model, processor, settings: list[Setting], images: list, *, pr
             plan = vlm.plan
             if not timed and capture is not None and "signals" not in capture and s.method == "vlm-pruner":
                 plan = dataclasses.replace(plan, method=dataclasses.replace(
-                    plan.method, run=_recording(plan.method.run, capture)))
+                    plan.method, run=_recording(plan.method.run, capture), run_batch=None))  # one sample a call
             # prefill alone: the batch is collated (vision tower run) outside the timed region
             mem = PeakMemory(device) if round_ == 0 else nullcontext()
             meter = PrefillMeter(device)
