@@ -27,33 +27,16 @@ PARAMS = ("official", "pivots", "chunk", "tau", "lam", "channels", "alpha", "tem
 TAU_STEP = 0.1
 
 
-def select(
-    keys: Tensor,
-    hidden: Tensor,
-    grid: Grid,
-    keep: int,
-    *,
-    official: bool = False,
-    pivots: int = 4,
-    chunk: int = 16,
-    tau: float = 0.8,
-    lam: float = 0.5,
-    channels: int = 256,
-    alpha: float = 0.3,
-    temporal_scale: float = 1.0,
-) -> tuple[Tensor, Tensor]:
+def select(keys: Tensor, hidden: Tensor, grid: Grid, keep: int, **params) -> tuple[Tensor, Tensor]:
     """Pick `keep` of the N image tokens; return (indices [k] ascending, merged hidden [k, D]).
 
     keys: [N, Dk] layer K-1 keys after rotary; hidden: [N, D] layer K-1 outputs;
     grid: (H, W) with H*W == N, a list of grids, or a video's (T, H, W) (see `grid_coords`);
-    temporal_scale: s in the spatio-temporal distance, video only.
-    `official=True` reproduces the reference code: a round that adds nothing ends the
-    selection (fewer than `keep` may come back) and keep < pivots still keeps all pivots.
+    params: `select_batch`'s (official, pivots, chunk, tau, lam, channels, alpha, temporal_scale).
     """
     hidden = check_matrix("hidden", hidden)
     keys = check_matrix("keys", keys, rows=hidden.shape[0])
-    return select_batch(keys[None], hidden[None], grid, keep, official=official, pivots=pivots, chunk=chunk,
-                        tau=tau, lam=lam, channels=channels, alpha=alpha, temporal_scale=temporal_scale)[0]
+    return select_batch(keys[None], hidden[None], grid, keep, **params)[0]
 
 
 def select_batch(
@@ -79,6 +62,10 @@ def select_batch(
     cost is then one sample's kernel launches, not B times them. `select` is this with B = 1,
     so a sample gets the same tokens alone or in a batch (up to the last bit of a batched
     matmul's rounding, which can differ with B).
+
+    temporal_scale: s in the spatio-temporal distance, video only. `official=True`
+    reproduces the reference code: a round that adds nothing ends the selection (fewer than
+    `keep` may come back) and keep < pivots still keeps all pivots.
     """
     keep = check_keep(keep)
     for name, x in (("keys", keys), ("hidden", hidden)):
