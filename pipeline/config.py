@@ -58,6 +58,7 @@ class JobConfig:
     # how it runs
     output: str = "out/caption"
     batch_size: int = 8
+    group_batches: int = 8  # model batches an actor call takes and regroups by prompt length
     concurrency: int = 1
     num_gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
     threads_per_actor: int | None = None  # torch threads of a CPU actor; None: the node's CPUs / concurrency
@@ -90,8 +91,8 @@ class JobConfig:
             raise JobError("give --image-column or --video-column, not both")
         if not self.max_video_seconds > 0:
             raise JobError(f"--max-video-seconds must be > 0, got {self.max_video_seconds}")
-        for name in ("batch_size", "max_new_tokens", "concurrency", "max_image_pixels", "rows_per_file",
-                     "num_frames"):
+        for name in ("batch_size", "group_batches", "max_new_tokens", "concurrency", "max_image_pixels",
+                     "rows_per_file", "num_frames"):
             _at_least(name, getattr(self, name), 1)
         for name in ("threads_per_actor", "limit"):
             if getattr(self, name) is not None:
@@ -217,6 +218,9 @@ def _flags() -> list[tuple[str, dict]]:
         ("max_image_pixels", dict(type=int, help=f"larger images (or video frames) become error rows "
                                                  f"(default: {default['max_image_pixels']:,})")),
         ("batch_size", dict(type=int, help=f"default: {default['batch_size']}")),
+        ("group_batches", dict(type=int, help=f"model batches an actor takes at once and regroups by prompt "
+                                              f"length, so that a batch pads little and finishes decoding "
+                                              f"together; 1: input order (default: {default['group_batches']})")),
         ("concurrency", dict(type=int, help="model actors (default: 1)")),
         ("num_gpus_per_actor", dict(type=float, help="default: 1 when the cluster has GPUs, else 0 (CPU)")),
         ("threads_per_actor", dict(type=int, help="torch threads of a CPU model actor "

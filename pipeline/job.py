@@ -144,9 +144,10 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     ds = ds.map_batches(Numberer, batch_format="pyarrow", batch_size=None, compute=ActorPoolStrategy(size=1),
                         num_cpus=0, label_selector=here, fn_constructor_kwargs={"done": ray.put(done.rows)})
-    # One model batch per block, so answers stream to the writer as batches finish rather
-    # than when a whole input file is done.
+    # One model batch per block, so preprocessing spreads over workers batch by batch and
+    # answers stream to the writer as groups finish rather than when a whole input file is done.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    group = cfg.batch_size * cfg.group_batches  # rows an actor call regroups by prompt length
     prep = {"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir, "max_pixels": cfg.max_image_pixels,
             "num_frames": cfg.num_frames, "max_video_seconds": cfg.max_video_seconds}
     if gpus > 0:
@@ -155,14 +156,14 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
         spare = max(1, int(cpus) - cfg.concurrency - 1)
         ds = ds.map_batches(Preparer, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1,
                             compute=ActorPoolStrategy(min_size=1, max_size=spare), fn_constructor_kwargs=prep)
-        return ds.map_batches(Answerer, batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=1,
+        return ds.map_batches(Answerer, batch_size=group, batch_format="pyarrow", num_gpus=gpus, num_cpus=1,
                               compute=ActorPoolStrategy(size=cfg.concurrency), fn_constructor_kwargs={"cfg": cfg})
     # On CPUs the model's cores are the preprocessing cores, so each model actor preprocesses
     # its own batches: a separate stage only added a second start-up (~6 s of torch and
     # transformers imports), serialising tensors across processes, and contention.
     threads = actor_threads(cfg, cpus)
     return ds.map_batches(
-        Answerer, batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
+        Answerer, batch_size=group, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=min(1.0, cpus / 2), runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
         fn_constructor_kwargs={"cfg": cfg, "threads": threads, "prepare": prep})
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,10 +213,16 @@ class Answerer:
 
     def _generate(self, samples: dict[int, Prepared]) -> dict[int, Generation | str]:
         """Generations by row; a row whose generation failed maps to its error message.
-        The batch runs as one; if that fails, each row runs alone so one bad row cannot
-        take the others with it."""
-        if not samples:
-            return {}
+        Rows run in model batches of similar prompt length (`length_batches`). A batch runs
+        as one; if that fails, each of its rows runs alone so one bad row cannot take the
+        others with it."""
+        rows = list(samples)
+        out: dict[int, Generation | str] = {}
+        for batch in length_batches([len(samples[i].input_ids) for i in rows], self.cfg.batch_size):
+            out.update(self._generate_batch({rows[j]: samples[rows[j]] for j in batch}))
+        return out
+
+    def _generate_batch(self, samples: dict[int, Prepared]) -> dict[int, Generation | str]:
         generate = self.vlm.generate_prepared
         try:
             return dict(zip(samples, generate(list(samples.values()), self.cfg.max_new_tokens, **self.sampling)))
@@ -227,3 +234,12 @@ class Answerer:
                 except Exception as e:
                     out[i] = f"generation failed: {type(e).__name__}: {first_line(e)}"
             return out
+
+
+def length_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Positions 0..len(lengths)-1 in batches of at most `size`, by prompt length (ties: in
+    order). A batch then pads its prompts little, and its rows, which ask alike, tend to
+    finish decoding together: generation stops when a batch's last row does, so one long
+    answer in a batch of short ones costs every row its decode steps."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + size] for i in range(0, len(order), size)]

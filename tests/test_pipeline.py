@@ -20,7 +20,7 @@ from tiny import good_rows, png, table_of, write_parquet
 from pipeline.config import JobConfig, JobError
 from pipeline.job import actor_threads, read_rows, run
 from pipeline.schema import OUTPUT_SCHEMA
-from pipeline.stages import Answerer, Columns, Preparer
+from pipeline.stages import Answerer, Columns, Preparer, length_batches
 from pruner import PrunedVLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,29 @@ def test_a_bad_row_never_fails_its_batch(model_dir, tmp_path):
         row = got[f"r{i}"]
         assert row["answer"] == direct[i].text and row["error"] is None
         assert (row["image_tokens"], row["image_tokens_kept"]) == (36, 8)
+
+
+def test_length_batches_group_by_length_and_keep_every_row_once():
+    assert length_batches([5, 3, 5, 1, 3, 9, 3], 3) == [[3, 1, 4], [6, 0, 2], [5]]  # ties in order
+    assert length_batches([2, 1], 8) == [[1, 0]] and length_batches([], 4) == []
+    lengths = [(i * 7919) % 13 for i in range(50)]
+    batches = length_batches(lengths, 4)
+    assert sorted(i for b in batches for i in b) == list(range(50))  # none dropped, none twice
+    assert all(len(b) <= 4 for b in batches)
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat)
+
+
+def test_a_call_regroups_rows_by_prompt_length_and_answers_in_input_order(model_dir, tmp_path):
+    rows = good_rows(7)  # five questions of different lengths, repeated
+    table = table_of(rows).append_column("input_row", pa.array(range(7), pa.int64()))
+    staged = Preparer(Columns(image="image", question="question", id="key"), model_dir, str(tmp_path),
+                      max_pixels=1_000_000)(table)
+    out = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4, batch_size=2))(staged)
+    assert out.column("id").to_pylist() == [r["key"] for r in rows]
+    vlm = PrunedVLM.from_pretrained(model_dir, method="vlm-pruner", keep=8)
+    alone = [vlm.generate([tiny.image(i)], [r["question"]], max_new_tokens=4)[0].text for i, r in enumerate(rows)]
+    assert out.column("answer").to_pylist() == alone
 
 
 # ---------------------------------------------------------------- the job on local Ray
