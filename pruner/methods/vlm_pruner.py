@@ -190,12 +190,7 @@ def _bss(
         # that holds one that can (one host sync a round, not a walk over every chunk).
         hopeless = ((max_sim[:, :n] >= max(tau, 0.0)) | ~candidates).gather(1, ranked)  # [B, N], ranked order
         end = int(torch.where(hopeless | ~active[:, None], -1, positions).max()) + 1
-
-        def framed() -> tuple[Tensor, Tensor]:  # who is still in the round, over the whole ranking
-            valid = (positions < n_candidates) & in_round[:, None]  # [B, N]
-            return valid, ranked.masked_fill(~valid, n)
-
-        valid_all, members_all = framed()
+        valid_all, members_all = _still_in_round(ranked, n_candidates, in_round)
         for start in range(0, max(end, 1), chunk):
             valid, members = valid_all[:, start : start + chunk], members_all[:, start : start + chunk]  # [B, S]
             accept = (buffered(members) < tau) & valid
@@ -218,12 +213,20 @@ def _bss(
             in_round &= (count < keep) & ((taken > 0) | (start > 0))
             if not bool(in_round.any()):
                 break
-            valid_all, members_all = framed()
+            valid_all, members_all = _still_in_round(ranked, n_candidates, in_round)
         if official:
             active &= added > 0  # reference early stop: fewer than keep tokens
         active &= count < keep
         tau += TAU_STEP
     return order[:, :n]
+
+
+def _still_in_round(ranked: Tensor, n_candidates: Tensor, in_round: Tensor) -> tuple[Tensor, Tensor]:
+    """Over a whole ranking [B, N]: which slots are this round's candidates of samples still in
+    the round (valid [B, N]), and the ranking with every other slot pointed at the sink N."""
+    n = ranked.shape[1]
+    valid = (torch.arange(n, device=ranked.device) < n_candidates) & in_round[:, None]  # [B, N]
+    return valid, ranked.masked_fill(~valid, n)
 
 
 def _by_order(order: Tensor, size: int) -> tuple[Tensor, Tensor]:
