@@ -203,7 +203,7 @@ def select(plan: Plan, batch: Batch, signals: dict[str, Callable[[int, Tensor], 
     for (_, _, budget), members in groups.items():
         sigs = [Signals(grid=batch.grids[b], **{name: signals[name](b, batch.image_positions[b])
                                                  for name in plan.method.needs}) for b in members]
-        if plan.method.run_batch is not None and len(members) > 1:
+        if plan.method.run_batch is not None:
             picked = plan.method.run_batch(sigs, budget, **plan.params)
         else:
             picked = [plan.method.run(s, budget, **plan.params) for s in sigs]

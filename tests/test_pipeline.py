@@ -91,7 +91,14 @@ def test_a_call_regroups_rows_by_prompt_length_and_answers_in_input_order(model_
     table = table_of(rows).append_column("input_row", pa.array(range(7), pa.int64()))
     staged = Preparer(Columns(image="image", question="question", id="key"), model_dir, str(tmp_path),
                       max_pixels=1_000_000)(table)
-    out = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4, batch_size=2))(staged)
+    answerer = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4, batch_size=2))
+    generate, batches = answerer.vlm.generate_prepared, []
+    answerer.vlm.generate_prepared = lambda s, *a, **k: batches.append([len(x.input_ids) for x in s]) or generate(
+        s, *a, **k)
+    out = answerer(staged)
+    assert [len(b) for b in batches] == [2, 2, 2, 1]  # one call of 7 rows, in model batches of 2
+    flat = [n for b in batches for n in b]
+    assert flat == sorted(flat) and len(set(flat)) > 1  # grouped by prompt length, which differ
     assert out.column("id").to_pylist() == [r["key"] for r in rows]
     vlm = PrunedVLM.from_pretrained(model_dir, method="vlm-pruner", keep=8)
     alone = [vlm.generate([tiny.image(i)], [r["question"]], max_new_tokens=4)[0].text for i, r in enumerate(rows)]

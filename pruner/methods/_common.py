@@ -43,6 +43,14 @@ def check_matrix(name: str, x: object, rows: int | None = None) -> Tensor:
     return x
 
 
+def same_rows(name: str, tensors: Sequence[Tensor]) -> int:
+    """N, the rows every tensor of a batch shares (one per image token)."""
+    counts = sorted({t.shape[0] for t in tensors})
+    if len(counts) > 1:
+        raise ValueError(f"{name}: a batch needs the same number of image tokens in every sample, got {counts}")
+    return counts[0]
+
+
 def unit_rows(x: Tensor) -> Tensor:
     """fp32 rows scaled to unit L2 norm; zero rows stay zero and NaNs become zero, so
     similarities are always finite."""

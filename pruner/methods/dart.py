@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import Selection, check_keep, check_matrix, unit_rows
+from ._common import Selection, check_keep, check_matrix, same_rows, unit_rows
 
 STAGE = "layer"
 NEEDS = frozenset({"keys", "hidden_normed", "text_keys", "text_hidden_normed"})
@@ -41,11 +41,7 @@ def select_batch(samples: list[Sample], keep: int, *, pivots_img: int = 4, pivot
         _check(*sample, pivots_img, pivots_txt)
     if not samples:
         return []
-    counts = sorted({h.shape[0] for _, h, _, _ in samples})
-    if len(counts) > 1:
-        raise ValueError(f"hidden_normed: a batch needs the same number of image tokens in every sample, "
-                         f"got {counts}")
-    n = counts[0]
+    n = same_rows("hidden_normed", [h for _, h, _, _ in samples])
     if keep >= n:
         return [torch.arange(n, device=k.device) for k, _, _, _ in samples]
     if pivots_img == 0 and any(tk.shape[0] == 0 for _, _, tk, _ in samples):

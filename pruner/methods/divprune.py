@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import Selection, check_keep, check_matrix, unit_rows
+from ._common import Selection, check_keep, check_matrix, same_rows, unit_rows
 
 STAGE = "projector"  # runs on the image features entering the LLM
 NEEDS = frozenset({"features"})
@@ -24,7 +24,7 @@ def select_batch(features: list[Tensor], keep: int) -> list[Tensor]:
     features = [check_matrix("features", f) for f in features]
     if not features:
         return []
-    n = _same_rows(features)
+    n = same_rows("features", features)
     if keep >= n:
         return [torch.arange(n, device=f.device) for f in features]
     group = max(1, _DIST_BYTES // (4 * n * n))
@@ -66,9 +66,3 @@ def _greedy(features: list[Tensor], keep: int) -> Tensor:
         to_chosen = torch.minimum(to_chosen, dist[rows, chosen[:, step]])
     return chosen.sort(dim=1).values
 
-
-def _same_rows(features: list[Tensor]) -> int:
-    counts = sorted({f.shape[0] for f in features})
-    if len(counts) > 1:
-        raise ValueError(f"features: a batch needs the same number of image tokens in every sample, got {counts}")
-    return counts[0]
