@@ -105,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--max-new-tokens", type=int, default=32)
     pipe.add_argument("--output", default="out/bench-pipeline")
     pipe.add_argument("--threads-per-actor", type=int, help="default: the job's (the node's CPUs)")
-    pipe.add_argument("--repeats", type=int, default=3, help="interleaved rounds of loop and job")
+    pipe.add_argument("--repeats", type=int, default=3, help="job runs, each between two loop runs")
     return p
 
 

@@ -21,9 +21,10 @@ from .common import filesystem
 def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
                    threads_per_actor: int | None = None, repeats: int = 3) -> dict:
     """The caption job (Ray Data) against a plain loop over the same model, rows, batch size
-    and budget, in `repeats` rounds, each from a cold start. The order alternates (loop then
-    job, then job then loop): this machine's speed drifts by ~10 % over minutes, and a fixed
-    order would charge the drift to one side.
+    and budget: loop, job, loop, job, ..., loop, each job from a cold start. Each job run is
+    compared with the mean of the loop runs just before and after it (`bracketed`): this
+    machine's speed drifts by ~10 % over minutes, and a drift that one neighbour alone would
+    charge to the job, or credit it with, cancels out to first order.
 
     The loop loads the model, then decodes and preprocesses each batch inline and calls
     `PrunedVLM.generate`, as a user's ten lines would. Two ratios: rows/s over pipeline time
@@ -34,30 +35,35 @@ def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
 
     from .demo import EVAL_PARQUET
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     table = pq.read_table(EVAL_PARQUET).slice(0, rows).to_pylist()
+    loops = [_loop(table, batch_size, max_new_tokens)]
     rounds = []
-    for i in range(repeats):
-        if i % 2 == 0:
-            loop = _loop(table, batch_size, max_new_tokens)
-            job = _job(len(table), batch_size, max_new_tokens, output, threads_per_actor)
-        else:
-            job = _job(len(table), batch_size, max_new_tokens, output, threads_per_actor)
-            loop = _loop(table, batch_size, max_new_tokens)
-        summary, threads = job.pop("summary"), job.pop("actor_threads")
-        loop_rps = len(table) / loop["seconds"]
-        rounds.append({"order": "loop, job" if i % 2 == 0 else "job, loop",
-                       "loop_rows_per_second": round(loop_rps, 3), "loop_wall_seconds": round(loop["wall"], 2),
-                       "job_rows_per_second": summary["rows_per_second"],
-                       "job_pipeline_seconds": summary["wall_seconds"], "job_wall_seconds": round(job["wall"], 2),
-                       "rows_per_second_ratio": round(summary["rows_per_second"] / loop_rps, 3),
-                       "wall_ratio": round(loop["wall"] / job["wall"], 3),
-                       "seconds": summary["seconds"], "bound_by": summary["bound_by"]})
+    for _ in range(repeats):
+        job = _job(len(table), batch_size, max_new_tokens, output, threads_per_actor)
+        loops.append(_loop(table, batch_size, max_new_tokens))
+        rounds.append(bracketed(len(table), loops[-2], loops[-1], job))
+    threads = job["actor_threads"]
     return {"rows": len(table), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
             "torch_threads": torch.get_num_threads(), "actor_threads": threads,
             **{f"{key}_median": _median([r[key] for r in rounds]) for key in ("rows_per_second_ratio", "wall_ratio")},
             **{f"{key}_spread": [min(r[key] for r in rounds), max(r[key] for r in rounds)]
                for key in ("rows_per_second_ratio", "wall_ratio")},
             "rounds": rounds}
+
+
+def bracketed(rows: int, before: dict, after: dict, job: dict) -> dict:
+    """One round: a job run against the mean of the loop runs around it (seconds and wall)."""
+    summary = job["summary"]
+    loop_seconds, loop_wall = (before["seconds"] + after["seconds"]) / 2, (before["wall"] + after["wall"]) / 2
+    return {"loop_seconds": [round(before["seconds"], 2), round(after["seconds"], 2)],
+            "loop_rows_per_second": round(rows / loop_seconds, 3), "loop_wall_seconds": round(loop_wall, 2),
+            "job_rows_per_second": summary["rows_per_second"], "job_pipeline_seconds": summary["wall_seconds"],
+            "job_wall_seconds": round(job["wall"], 2),
+            "rows_per_second_ratio": round(summary["rows_per_second"] * loop_seconds / rows, 3),
+            "wall_ratio": round(loop_wall / job["wall"], 3),
+            "seconds": summary["seconds"], "bound_by": summary["bound_by"]}
 
 
 def _loop(table: list[dict], batch_size: int, max_new_tokens: int) -> dict:

@@ -183,3 +183,16 @@ def test_video_workload_at_a_rate_with_random_features(onevision_dir, tmp_path):
     budgets = {t["target"].split(":")[0] for t in data["targets"]}
     assert budgets == {"vlm-pruner rate 0.7, batch 1", "vlm-pruner rate 0.7"}
     assert "8 (rate 0.7)" in (tmp_path / "runtime.md").read_text()
+
+
+def test_a_pipeline_round_compares_the_job_with_the_mean_of_the_loops_around_it():
+    """A loop run at 50 s before the job and 70 s after it: the machine slowed down, and the
+    job (66.7 s of pipeline time) is compared with 60 s, not with either neighbour alone."""
+    from pipeline.benchmarks import bracketed
+
+    job = {"wall": 80.0, "summary": {"rows_per_second": 15.0, "wall_seconds": 66.67, "seconds": {}, "bound_by": ""}}
+    r = bracketed(1000, {"seconds": 50.0, "wall": 52.0}, {"seconds": 70.0, "wall": 72.0}, job)
+    assert r["loop_seconds"] == [50.0, 70.0]
+    assert r["loop_rows_per_second"] == round(1000 / 60, 3)
+    assert r["rows_per_second_ratio"] == 0.9  # 15 rows/s against 1000 / 60
+    assert r["wall_ratio"] == 0.775  # 62 s against 80 s
