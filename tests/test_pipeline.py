@@ -156,24 +156,6 @@ def test_every_source_kind_gives_one_row_per_input_row(local_ray, model_dir, tmp
     assert sorted(r["label"] for r in hf_rows) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("files, users_choice, used", [(1, True, False), (16, True, False), (17, True, True),
-                                                     (17, False, False)])
-def test_a_few_parquet_files_are_read_without_footer_reading_actors(monkeypatch, files, users_choice, used):
-    """Ray's newer Parquet reader starts actors whose start-up delays the model actor's on a
-    small machine; it is kept for many files, and the user's own choice is restored after."""
-    import ray.data
-
-    from pipeline import sources
-
-    ctx = ray.data.DataContext.get_current()
-    monkeypatch.setattr(ctx, "use_datasource_v2", users_choice)
-    seen = []
-    monkeypatch.setattr(sources.ray.data, "read_parquet", lambda paths: seen.append(ctx.use_datasource_v2))
-    sources.read_parquet([f"part-{i}.parquet" for i in range(files)], files)
-    assert seen == [used]
-    assert ctx.use_datasource_v2 is users_choice
-
-
 def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
     rows = good_rows(6) + bad_rows(tmp_path)
     data = tmp_path / "data.parquet"
