@@ -65,4 +65,3 @@ def _greedy(features: list[Tensor], keep: int) -> Tensor:
         chosen[:, step] = to_chosen.argmax(dim=1)
         to_chosen = torch.minimum(to_chosen, dist[rows, chosen[:, step]])
     return chosen.sort(dim=1).values
-
