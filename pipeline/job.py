@@ -153,9 +153,11 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
     if gpus > 0:
         # The GPU waits on CPU work: a pool of preprocessing workers that grows to the CPUs
         # the model actors leave (one kept for reading, numbering and writing).
-        spare = max(1, int(cpus) - cfg.concurrency - 1)
-        ds = ds.map_batches(Preparer, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1,
-                            compute=ActorPoolStrategy(min_size=1, max_size=spare), fn_constructor_kwargs=prep)
+        # Where no CPU is spare (a small cluster), the one worker reserves none: reserving a
+        # whole CPU there left the read task without one, and the job waited forever.
+        spare = int(cpus) - cfg.concurrency - 1
+        ds = ds.map_batches(Preparer, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=int(spare >= 1),
+                            compute=ActorPoolStrategy(min_size=1, max_size=max(1, spare)), fn_constructor_kwargs=prep)
         return ds.map_batches(Answerer, batch_size=group, batch_format="pyarrow", num_gpus=gpus, num_cpus=1,
                               compute=ActorPoolStrategy(size=cfg.concurrency), fn_constructor_kwargs={"cfg": cfg})
     # On CPUs the model's cores are the preprocessing cores, so each model actor preprocesses
