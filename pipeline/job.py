@@ -130,14 +130,16 @@ def run(cfg: JobConfig) -> dict:
 
 
 def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> ray.data.Dataset:
-    # In order: rows are numbered by position as they pass one actor, and --limit means the first rows.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     gpus = cfg.num_gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpus = ray.cluster_resources().get("CPU", 1)
 
     ds = source.dataset
+    # In order: rows are numbered by position as they pass one actor, and --limit means the first
+    # rows. On the dataset's own context: a dataset copies the current one when it is read, so
+    # setting the current one here came too late for the first job in a process.
+    ds.context.execution_options.preserve_order = True
     if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
     # On the driver's node: a lost worker node must not take the row count with it.

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +19,9 @@ from PIL import Image
 import tiny
 from tiny import good_rows, png, table_of, write_parquet
 from pipeline.config import JobConfig, JobError
-from pipeline.job import actor_threads, read_rows, run
+from pipeline.job import actor_threads, columns, pipeline, read_rows, run
+from pipeline.output import Done
+from pipeline.sources import open_source
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.stages import Answerer, Columns, Preparer, length_batches
 from pruner import PrunedVLM
@@ -154,6 +157,30 @@ def test_every_source_kind_gives_one_row_per_input_row(local_ray, model_dir, tmp
     assert all(r["question"] == "Describe the image briefly." for r in folder_rows)
     hf_rows = output_rows(tmp_path / "out3")
     assert sorted(r["label"] for r in hf_rows) == [0, 1, 2, 3]
+
+
+def test_rows_are_numbered_in_read_order_even_when_the_current_context_does_not_keep_order(
+        local_ray, model_dir, tmp_path, monkeypatch):
+    """A Ray dataset copies the current Ray Data context when it is read, so setting order on
+    the current context after the read came too late for the first job in a process: rows
+    were numbered in arrival order (seen in CI: rows 2-3 numbered 0-1). Order is now set on
+    the job's dataset; the current context is left as it was."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx.execution_options, "preserve_order", False)  # a fresh process
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i in range(4):
+        write_parquet(good_rows(3, start=3 * i), parts / f"part-{i}.parquet")
+    cfg = job(model_dir, input=str(parts), output=str(tmp_path / "out"), id_column="key")
+    source = open_source(cfg.input)
+    plan = pipeline(cfg, source, columns(cfg, source), Done(np.zeros(0, bool), 0, 0))
+    assert plan.context.execution_options.preserve_order
+    assert not ctx.execution_options.preserve_order
+    run(cfg)
+    got = output_rows(tmp_path / "out")
+    assert sorted((r["input_row"], r["label"]) for r in got) == [(i, i) for i in range(12)]
 
 
 def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
