@@ -3,6 +3,7 @@ resume, and the command line. Tests that start Ray have timeouts."""
 import io
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from PIL import Image
 import tiny
 from tiny import good_rows, png, table_of, write_parquet
 from pipeline.config import JobConfig, JobError
-from pipeline.job import actor_threads, columns, pipeline, read_rows, run
+from pipeline.job import actor_threads, columns, cpu_actor_env, pipeline, read_rows, run
 from pipeline.output import Done
 from pipeline.sources import open_source
 from pipeline.schema import OUTPUT_SCHEMA
@@ -224,6 +225,31 @@ def test_cpu_actors_use_the_nodes_cores(model_dir):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the variables are glibc's")
+def test_a_cpu_model_actor_reuses_freed_memory_instead_of_faulting_it_in_again():
+    """Each batch frees and reallocates activations of tens of MB; by default glibc returns
+    them to the kernel and the next batch page-faults them in again (~10 % of the model's
+    time on the demo). The actor's environment keeps them: after the first round, the same
+    tensors cost (almost) no page faults, against one per 4 KiB page without it."""
+    code = ("import resource, torch\n"
+            "def faults():\n"
+            "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    for _ in range(8):\n"
+            "        x = torch.ones(8192, 1024); y = x * 2; z = x + y; del x, y, z  # 32 MiB each\n"
+            "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+            "faults(); print(faults())")
+
+    def faults(env: dict[str, str]) -> int:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout.split()[-1])
+
+    plain, kept = faults({}), faults(cpu_actor_env(1))
+    assert plain >= 8 * 32 * 2**20 // 4096  # at least a tensor's pages in every round
+    assert kept < plain / 10
 
 
 # ---------------------------------------------------------------- the command line
