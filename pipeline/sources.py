@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import logging
 import posixpath
 from dataclasses import dataclass
 
@@ -68,12 +69,16 @@ def read_parquet(paths: str | list[str], files: int) -> ray.data.Dataset:
         return ray.data.read_parquet(paths)
     ctx = ray.data.DataContext.get_current()
     before = ctx.use_datasource_v2, ctx.enable_progress_bars
-    # Its sampling progress bar would print before the job's one-line argument errors.
+    # Its sampling progress bar and log lines would print before the job's one-line errors.
     ctx.use_datasource_v2 = ctx.enable_progress_bars = False
+    log = logging.getLogger("ray.data")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
     try:
         ds = ray.data.read_parquet(paths)
     finally:
         ctx.use_datasource_v2, ctx.enable_progress_bars = before
+        log.setLevel(level)
     ds.context.enable_progress_bars = before[1]  # the dataset copied the context: the job's bars stay
     return ds
 

@@ -307,11 +307,20 @@ def test_bad_arguments_fail_fast_with_one_line(local_ray, model_dir, args, messa
     assert not (tmp_path / "never").exists()
 
 
-def test_the_command_line_exits_non_zero_with_one_line(model_dir):
-    proc = subprocess.run([sys.executable, "jobs/caption.py", "--model", model_dir, "--keep", "0"],
+@pytest.mark.parametrize("args, line", [
+    (["--keep", "0"], "caption.py: error: --keep must be an int >= 1, got 0"),
+    # found only once Ray has started and the input is opened: nothing Ray prints comes first
+    (["--image-column", "picture"], "caption.py: error: --image-column 'picture' is not a column of {input}; "
+                                    "columns: key, image, question, label"),
+])
+def test_the_command_line_exits_non_zero_with_one_line(model_dir, tmp_path, args, line):
+    data = tmp_path / "data.parquet"
+    write_parquet(good_rows(2), data)
+    proc = subprocess.run([sys.executable, "jobs/caption.py", "--model", model_dir, "--input", str(data),
+                           "--output", str(tmp_path / "out"), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["caption.py: error: --keep must be an int >= 1, got 0"]
+    assert proc.stderr.strip().splitlines() == [line.format(input=data)]
 
 
 def test_unknown_method_and_unsupported_model_fail_fast(tmp_path):
