@@ -142,10 +142,13 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
     ds.context.execution_options.preserve_order = True
     if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
-    # On the driver's node: a lost worker node must not take the row count with it.
+    # On the driver's node: a lost worker node must not take the row count with it. One block
+    # at a time: Ray Data lets an actor run a later task first when an earlier one's input is
+    # not ready yet, which numbered rows 2-3 as 0-1 in CI.
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-    ds = ds.map_batches(Numberer, batch_format="pyarrow", batch_size=None, compute=ActorPoolStrategy(size=1),
-                        num_cpus=0, label_selector=here, fn_constructor_kwargs={"done": ray.put(done.rows)})
+    ds = ds.map_batches(Numberer, batch_format="pyarrow", batch_size=None, num_cpus=0, label_selector=here,
+                        compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
+                        fn_constructor_kwargs={"done": ray.put(done.rows)})
     # One model batch per block, so preprocessing spreads over workers batch by batch and
     # answers stream to the writer as groups finish rather than when a whole input file is done.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)

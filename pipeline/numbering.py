@@ -15,8 +15,9 @@ class Numberer:
     """Gives each input row its position (`input_row`) and drops the rows already done.
 
     Ray Data has no row index, so one actor counts rows as blocks arrive; the job runs with
-    `preserve_order`, and one caller's tasks run on one actor in submission order, so the
-    count is the row's position in read order, the same on every run over the same input.
+    `preserve_order` and gives this actor one block at a time (Ray Data lets an actor run its
+    queued tasks out of order), so the count is the row's position in read order, the same
+    on every run over the same input.
     An actor that Ray restarted (its node was lost) would count from 0 again, so it refuses
     to work: the job fails, and a rerun resumes, rather than misnumber rows."""
 
