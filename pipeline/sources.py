@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import logging
 import posixpath
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ class SourceError(ValueError):
 
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg")
+FEW_FILES = 16  # up to this many Parquet files, the driver reads their footers itself
 
 
 @dataclass
@@ -38,7 +40,7 @@ def open_source(uri: str, split: str | None = None) -> Source:
         if {"state.json", "dataset_dict.json"} & names:
             return Source(_from_disk(uri, split), uri, "image")
         if any(n.endswith(".parquet") for n in names):
-            return Source(ray.data.read_parquet(uri), uri, "image")
+            return Source(read_parquet(uri, sum(n.endswith(".parquet") for n in names)), uri, "image")
         files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                  if f.type == pafs.FileType.File and not f.base_name.startswith(".")]
         if not files:
@@ -47,15 +49,38 @@ def open_source(uri: str, split: str | None = None) -> Source:
         videos = sum(f.base_name.lower().endswith(VIDEO_SUFFIXES) for f in files) > len(files) / 2
         return Source(ds, uri, "bytes", "bytes" if videos else None)
     if info is not None and info.type == pafs.FileType.File:
-        return Source(ray.data.read_parquet(uri), posixpath.dirname(uri), "image")
+        return Source(read_parquet(uri, 1), posixpath.dirname(uri), "image")
     if fs is not None and any(c in path for c in "*?["):
         files = _glob(fs, uri, path)
         if not files:
             raise SourceError(f"no files match {uri}")
-        return Source(ray.data.read_parquet(files), posixpath.dirname(files[0]), "image")
+        return Source(read_parquet(files, len(files)), posixpath.dirname(files[0]), "image")
     if "://" in uri or uri.startswith((".", "/")) or uri.endswith(".parquet"):
         raise SourceError(f"input not found: {uri}")
     return Source(_from_hub(uri, split), None, "image")
+
+
+def read_parquet(paths: str | list[str], files: int) -> ray.data.Dataset:
+    """Ray Data's Parquet reader for `files` files. Ray's newer reader starts two actors to
+    read file footers: worth it for thousands of files, but on a laptop their start-up (~1
+    CPU-second each) competes with the model actor's, which bounds the run's start. For a
+    few files the older reader reads the footers itself (one small sampling task)."""
+    if files > FEW_FILES:
+        return ray.data.read_parquet(paths)
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2, ctx.enable_progress_bars
+    # Its sampling progress bar and log lines would print before the job's one-line errors.
+    ctx.use_datasource_v2 = ctx.enable_progress_bars = False
+    log = logging.getLogger("ray.data")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        ds = ray.data.read_parquet(paths)
+    finally:
+        ctx.use_datasource_v2, ctx.enable_progress_bars = before
+        log.setLevel(level)
+    ds.context.enable_progress_bars = before[1]  # the dataset copied the context: the job's bars stay
+    return ds
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:

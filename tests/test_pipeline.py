@@ -190,6 +190,38 @@ def test_rows_are_numbered_in_read_order_even_when_the_current_context_does_not_
     assert sorted((r["input_row"], r["label"]) for r in got) == [(i, i) for i in range(12)]
 
 
+@pytest.mark.parametrize("files, users_choice, v2, bars", [(1, True, False, False), (16, True, False, False),
+                                                         (17, True, True, True), (17, False, False, True)])
+def test_a_few_parquet_files_are_read_without_footer_reading_actors(local_ray, tmp_path, monkeypatch, files,
+                                                                    users_choice, v2, bars):
+    """Ray's newer Parquet reader starts actors whose start-up delays the model actor's on a
+    small machine; it is kept for many files. The older one reads without its sampling bar, and
+    the user's settings are restored after; the dataset keeps showing the job's progress bars."""
+    import ray.data
+
+    from pipeline import sources
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "use_datasource_v2", users_choice)
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    seen = []
+    real = ray.data.read_parquet
+
+    def spy(paths):
+        seen.append((ctx.use_datasource_v2, ctx.enable_progress_bars))
+        return real(paths)
+
+    monkeypatch.setattr(sources.ray.data, "read_parquet", spy)
+    paths = []
+    for i in range(files):
+        write_parquet(good_rows(1, start=i), tmp_path / f"part-{i}.parquet")
+        paths.append(str(tmp_path / f"part-{i}.parquet"))
+    ds = sources.read_parquet(paths, files)
+    assert seen == [(v2, bars)]
+    assert (ctx.use_datasource_v2, ctx.enable_progress_bars) == (users_choice, True)
+    assert ds.context.enable_progress_bars and ds.count() == files
+
+
 def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
     rows = good_rows(6) + bad_rows(tmp_path)
     data = tmp_path / "data.parquet"
