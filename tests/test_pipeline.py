@@ -266,7 +266,7 @@ def test_cpu_actors_use_the_nodes_cores(model_dir):
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the variables are glibc's")
-def test_a_cpu_model_actor_reuses_freed_memory_instead_of_faulting_it_in_again():
+def test_the_cpu_model_actors_environment_keeps_freed_memory_instead_of_faulting_it_in_again():
     """Each batch frees and reallocates activations of tens of MB; by default glibc returns
     them to the kernel and the next batch page-faults them in again (~10 % of the model's
     time on the demo). The actor's environment keeps them: after the first round, the same
