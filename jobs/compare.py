@@ -42,7 +42,8 @@ def parse(argv: list[str] | None = None) -> CompareConfig:
     p.add_argument("--gpu-hour-price", type=float, default=d.gpu_hour_price,
                    help="$ per hour of one model replica's device, for the projected cost (default: %(default)s)")
     p.add_argument("--max-quality-drop", type=float, default=d.max_quality_drop,
-                   help="points of quality the recommendation may lose against unpruned (default: %(default)s)")
+                   help="points of quality the recommendation may lose against unpruned, counting the drop's "
+                        "uncertainty: its one-sided 95 %% upper bound on the same rows (default: %(default)s)")
     add_job_arguments(p, skip=("output", "limit", "method", "keep", "rate", "overwrite"))
     a = p.parse_args(argv)
     given = job_kwargs(a)

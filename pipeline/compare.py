@@ -7,12 +7,16 @@ one whose configuration changed. Every figure of the report comes from the per-r
 of the same rows in every setting (the first `limit` input rows that all settings have):
 
 * quality: accuracy against a ground-truth column (normalized exact match) and agreement
-  with the unpruned answers (the same match), in %;
+  with the unpruned answers (the same match), in %; the drop from unpruned, judged row by
+  row on the same rows, with its standard error and one-sided 95 % upper bound;
 * cost: image tokens kept, FLOPs per sample (the project's own counting and the paper
   convention, both labelled), throughput of one model replica (rows over the rows' summed
   model-stage seconds), speedup over unpruned, and the projected price of 1M rows;
-* the recommendation: the cheapest setting whose quality is within `max_quality_drop`
-  points of unpruned.
+* the recommendation: among the settings whose drop's upper bound is within
+  `max_quality_drop` points, the one with the fewest FLOPs (then the higher agreement with
+  unpruned, then the name). Measured throughput never decides it: on a small sample its
+  noise is as large as the differences between budgets, and a rerun must not change the
+  answer.
 
 The tables, plots and prose of the report are rendered by `pipeline.report`.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import posixpath
 import sys
 import time
@@ -39,7 +44,7 @@ from .common import filesystem, saved_pct
 from .config import JobConfig, JobError
 from .demo import EVAL_PARQUET
 from .output import SUMMARY
-from .report import headline_quality, setting_label, write_report
+from .report import setting_label, write_report
 
 DEFAULT_METHODS = ("vlm-pruner", "fastv", "dart", "divprune")
 DEFAULT_KEEPS = (192, 128, 64)
@@ -47,6 +52,7 @@ DEFAULT_ANSWER_COLUMN = "answer_gt"  # used when the input has it and --answer-c
 DEFAULT_GROUP_COLUMN = "question_type"
 REFERENCE = "none"
 TIMING = "_compare.json"  # per setting: the end-to-end timing of the run that did all its rows
+Z_ONE_SIDED_95 = 1.645  # a drop qualifies when drop + Z x its standard error is within the allowed drop
 
 
 @dataclass
@@ -236,21 +242,43 @@ def _pct(num: int, den: int) -> float | None:
     return 100 * num / den if den else None
 
 
-def accuracy_and_agreement(rows: list[dict], ref: dict[str, str | None], answer: str | None) -> dict:
+def judged(rows: list[dict], ref: dict[int, str | None], answer: str | None) -> dict[int, bool]:
+    """Per input row, whether its answer counts as right: against the ground truth where
+    `answer` names a column (rows that have one), else against the reference's answer."""
+    if answer is not None:
+        return {r["input_row"]: answers_match(r["answer"], r[answer]) for r in rows if r.get(answer) is not None}
+    return {r["input_row"]: answers_match(r["answer"], ref[r["input_row"]]) for r in rows if r["input_row"] in ref}
+
+
+def accuracy_and_agreement(rows: list[dict], ref: dict[int, str | None], answer: str | None) -> dict:
     """Accuracy (rows with a ground truth) and agreement with the reference (rows in both), in %."""
-    gt = [r for r in rows if answer is not None and r.get(answer) is not None]
-    both = [r for r in rows if r["input_row"] in ref]
-    return {
-        "rows": len(rows),
-        "accuracy_pct": _pct(sum(answers_match(r["answer"], r[answer]) for r in gt), len(gt)) if answer else None,
-        "agreement_pct": _pct(sum(answers_match(r["answer"], ref[r["input_row"]]) for r in both), len(both)),
-    }
+    agree = judged(rows, ref, None)
+    right = judged(rows, ref, answer) if answer is not None else None
+    return {"rows": len(rows), "accuracy_pct": _pct(sum(right.values()), len(right)) if right is not None else None,
+            "agreement_pct": _pct(sum(agree.values()), len(agree))}
+
+
+def paired_drop(ref_right: dict[int, bool], right: dict[int, bool]) -> tuple[float | None, float | None]:
+    """The quality drop from the reference in points, over the rows both were judged on, and
+    its standard error. Paired, because the same rows answered by both differ far less than
+    two independent samples would: with b rows only the reference got right and c rows only
+    the setting got right out of n, the per-row difference has mean (b - c) / n and standard
+    error sqrt(b + c - (b - c)^2 / n) / n (McNemar's). A setting that changes many answers
+    has a wide error even when its right and wrong answers cancel out in the mean."""
+    shared = ref_right.keys() & right.keys()
+    n = len(shared)
+    if n == 0:
+        return None, None
+    b = sum(ref_right[i] and not right[i] for i in shared)
+    c = sum(right[i] and not ref_right[i] for i in shared)
+    return 100 * (b - c) / n, 100 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n
 
 
 def metrics(cfg: CompareConfig, chosen: list[CompareSetting], answer: str | None, group: str | None) -> list[dict]:
     """One dict per setting, every figure from the per-row outputs (and the stored job timing)."""
     by_setting = rows_of(cfg, chosen)
     ref = {r["input_row"]: r["answer"] for r in by_setting[REFERENCE]}
+    ref_right = judged(by_setting[REFERENCE], ref, answer)
     results = []
     for s in chosen:
         rows = by_setting[s.name]
@@ -260,7 +288,10 @@ def metrics(cfg: CompareConfig, chosen: list[CompareSetting], answer: str | None
         paper_full = sum(r["paper_prefill_flops_unpruned"] for r in ok)
         seconds = sum(r["seconds"] for r in rows)
         timing = _read_json(Path(job_config(cfg, s).output) / TIMING) or {}
+        drop, se = paired_drop(ref_right, judged(rows, ref, answer))
         res = {"setting": s.name, "method": s.method, "keep": s.keep, **accuracy_and_agreement(rows, ref, answer),
+               "quality_drop_points": drop, "quality_drop_se_points": se,
+               "quality_drop_bound_points": drop + Z_ONE_SIDED_95 * se if drop is not None else None,
                "errors": len(rows) - len(ok),
                "image_tokens_kept_mean": _mean([r["image_tokens_kept"] for r in ok]),
                "gflops_per_sample": _mean([r["flops_total"] / 1e9 for r in counted]),
@@ -283,8 +314,6 @@ def metrics(cfg: CompareConfig, chosen: list[CompareSetting], answer: str | None
         rps = res["rows_per_second"]
         res["speedup"] = rps / base["rows_per_second"] if rps and base["rows_per_second"] else None
         res["cost_per_million_rows"] = 1e6 / rps / 3600 * cfg.gpu_hour_price if rps else None
-        q, q0 = headline_quality(res, answer), headline_quality(base, answer)
-        res["quality_drop_points"] = q0 - q if q is not None and q0 is not None else None
     rec = recommend(results, cfg.max_quality_drop)
     for res in results:
         res["recommended"] = res["setting"] == rec["setting"]
@@ -295,15 +324,24 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def qualifies(res: dict, max_quality_drop: float) -> bool:
+    """Is the drop within `max_quality_drop` points with its uncertainty counted: its one-sided
+    95 % upper bound (drop + 1.645 standard errors) at most the allowed drop?"""
+    bound = res["quality_drop_bound_points"]
+    return bound is not None and bound <= max_quality_drop + 1e-9
+
+
 def recommend(results: list[dict], max_quality_drop: float) -> dict:
-    """The cheapest (projected $/1M rows, then FLOPs) setting whose quality drop from the
-    reference (results[0]) is at most `max_quality_drop` points; the reference always qualifies."""
-    eligible = [r for r in results
-                if r is results[0] or (r["quality_drop_points"] is not None
-                                       and r["quality_drop_points"] <= max_quality_drop + 1e-9)]
-    inf = float("inf")
-    return min(eligible, key=lambda r: (r["cost_per_million_rows"] if r["cost_per_million_rows"] is not None else inf,
-                                        r["gflops_per_sample"] if r["gflops_per_sample"] is not None else inf))
+    """Among the reference (results[0], always in) and the settings that qualify, the one with
+    the fewest FLOPs per sample (own counting), then the higher agreement with the reference,
+    then the name. Only figures that a rerun reproduces decide: never measured throughput."""
+    eligible = [results[0]] + [r for r in results[1:] if qualifies(r, max_quality_drop)]
+
+    def key(r: dict) -> tuple:
+        gflops, agree = r["gflops_per_sample"], r["agreement_pct"]
+        return (math.inf if gflops is None else gflops, math.inf if agree is None else -agree, r["setting"])
+
+    return min(eligible, key=key)
 
 
 # ---------------------------------------------------------------------- all of it

@@ -2,8 +2,11 @@
 before Ray starts, and on a tiny model over six demo rows, every figure of the report
 recomputed from the per-row outputs, and reruns reusing finished settings."""
 import json
+import math
+import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,11 +20,11 @@ from transformers import AutoConfig
 
 from pipeline import compare as C
 from pipeline.answers import answers_match, normalize_answer
-from pipeline.compare import CompareConfig, recommend
+from pipeline.compare import CompareConfig, paired_drop, recommend
 from pipeline.demo import EVAL_PARQUET
 from pipeline.images import decode
 from pipeline.job import JobConfig, JobError
-from pipeline.report import COLUMNS
+from pipeline.report import COLUMNS, recommendation_text, write_report
 from pruner import PrunedVLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,17 +49,122 @@ def test_answers_match():
     assert not answers_match(None, None) and not answers_match("yes", None)
 
 
-def test_recommendation_is_the_cheapest_setting_within_the_drop():
-    def r(name, drop, cost, gflops):
-        return {"setting": name, "quality_drop_points": drop, "cost_per_million_rows": cost,
-                "gflops_per_sample": gflops}
+def test_paired_drop_known_answers():
+    def judged(pairs):  # (reference right, setting right) per row
+        return dict(enumerate(p[0] for p in pairs)), dict(enumerate(p[1] for p in pairs))
 
-    results = [r("none", 0.0, 10.0, 9.0), r("a", 0.5, 6.0, 5.0), r("b", 2.0, 3.0, 2.0), r("c", 1.0, 6.0, 4.0),
-               r("d", -3.0, 8.0, 6.0), r("e", None, 1.0, 1.0)]
-    assert recommend(results, 1.0)["setting"] == "c"  # a and c cost the same: fewer FLOPs wins; exactly 1.0 is in
+    # 3 rows right only unpruned, 1 right only the setting, 46 the same: drop 2/50, s.e. sqrt(4 - 4/50)/50
+    drop, se = paired_drop(*judged([(1, 0)] * 3 + [(0, 1)] + [(1, 1)] * 30 + [(0, 0)] * 16))
+    assert drop == pytest.approx(4.0) and se == pytest.approx(100 * math.sqrt(3.92) / 50)
+    # as many answers lost as gained: no drop, but 16 changed rows of 100 leave it 4 points uncertain
+    assert paired_drop(*judged([(1, 0)] * 8 + [(0, 1)] * 8 + [(1, 1)] * 84)) == pytest.approx((0.0, 4.0))
+    assert paired_drop(*judged([(1, 1)] * 9 + [(0, 0)])) == (0.0, 0.0)
+    assert paired_drop({0: True}, {1: True}) == (None, None)  # no row judged in both
+    # the same as the mean and standard error of the per-row differences, over the rows both have
+    rng = random.Random(0)
+    ref = {i: rng.random() < 0.7 for i in range(300)}
+    got = {i: rng.random() < 0.6 for i in range(20, 320)}
+    diffs = [int(ref[i]) - int(got[i]) for i in range(20, 300)]
+    drop, se = paired_drop(ref, got)
+    assert drop == pytest.approx(100 * statistics.fmean(diffs))
+    assert se == pytest.approx(100 * statistics.pstdev(diffs) / math.sqrt(len(diffs)))
+
+
+def test_recommendation_is_the_fewest_flops_within_the_drop_bound():
+    def r(name, bound, gflops, agreement=100.0, cost=1.0):
+        return {"setting": name, "quality_drop_bound_points": bound, "gflops_per_sample": gflops,
+                "agreement_pct": agreement, "cost_per_million_rows": cost}
+
+    results = [r("none", 0.0, 9.0, cost=10.0), r("a", 0.5, 5.0), r("b", 2.0, 2.0, cost=0.1), r("c", 1.0, 4.0),
+               r("d", -3.0, 6.0), r("e", None, 1.0)]
+    assert recommend(results, 1.0)["setting"] == "c"  # exactly 1.0 is in; the cost never decides
     assert recommend(results, 5.0)["setting"] == "b"
     assert recommend(results, 0.1)["setting"] == "d"  # better than unpruned counts as within
     assert recommend(results[:3], 0.1)["setting"] == "none"  # nothing qualifies: stay unpruned
+    # equal FLOPs: the higher agreement with unpruned, then the name; never the measured rows/s
+    tied = [r("none", 0.0, 9.0), r("x", 0.0, 3.0, 95.0, cost=0.5), r("w", 0.0, 3.0, 99.0, cost=2.0),
+            r("v", 0.0, 3.0, 99.0, cost=3.0)]
+    assert recommend(tied, 1.0)["setting"] == "v"
+    assert recommend(tied[:3], 1.0)["setting"] == "w"
+
+
+def fake_rows(answers: list[str], truth: list[str], gflops: float, seconds: float, kept: int) -> list[dict]:
+    """A setting's rows as `rows_of` returns them."""
+    return [{"input_row": i, "answer": a, "answer_gt": t, "question_type": "caption" if i % 4 == 0 else "color",
+             "error": None, "seconds": seconds, "image_tokens_kept": kept, "flops_total": gflops * 1e9,
+             "flops_total_unpruned": 10e9, "paper_prefill_flops": gflops * 5e8, "paper_prefill_flops_unpruned": 5e9}
+            for i, (a, t) in enumerate(zip(answers, truth))]
+
+
+TRUTH = ["yes"] * 100
+UNPRUNED = ["yes"] * 80 + ["no"] * 20  # 80 % accuracy
+STEADY = UNPRUNED[:99] + ["maybe"]  # the same answers but one wrong one, worded otherwise: 99 % agreement
+# 83 % agreement and the same 80 % accuracy: 8 right answers lost, 8 gained, one wrong one worded otherwise
+SHAKY = ["no"] * 8 + ["yes"] * 72 + ["yes"] * 8 + ["no"] * 11 + ["maybe"]
+
+
+def fake_metrics(monkeypatch, tmp_path, runs: dict, **kw) -> list[dict]:
+    """`metrics` over made-up rows: the recommendation and every figure it rests on, without Ray."""
+    cfg = CompareConfig(output=str(tmp_path), methods=("vlm-pruner", "fastv"), keeps=(64,), **kw)
+    monkeypatch.setattr(C, "rows_of", lambda cfg, chosen: runs)
+    return C.metrics(cfg, C.settings(cfg), "answer_gt", "question_type")
+
+
+def test_recommendation_does_not_follow_measured_throughput(monkeypatch, tmp_path):
+    recommended = []
+    for fast, slow in (("vlm-pruner-k64", "fastv-k64"), ("fastv-k64", "vlm-pruner-k64")):  # two runs' rows/s
+        seconds = {"none": 0.1, fast: 0.054, slow: 0.0575}  # 18.5 and 17.4 rows/s
+        runs = {"none": fake_rows(UNPRUNED, TRUTH, 9.0, seconds["none"], 576),
+                "vlm-pruner-k64": fake_rows(UNPRUNED, TRUTH, 3.0, seconds["vlm-pruner-k64"], 64),
+                "fastv-k64": fake_rows(UNPRUNED, TRUTH, 3.01, seconds["fastv-k64"], 64)}
+        results = fake_metrics(monkeypatch, tmp_path, runs)
+        assert results[[r["setting"] for r in results].index(fast)]["rows_per_second"] == pytest.approx(1 / 0.054)
+        recommended.append([r["setting"] for r in results if r["recommended"]])
+    assert recommended == [["vlm-pruner-k64"]] * 2  # fewer FLOPs, whichever measured faster
+
+
+def test_high_accuracy_with_low_agreement_is_not_recommended(monkeypatch, tmp_path):
+    runs = {"none": fake_rows(UNPRUNED, TRUTH, 9.0, 0.1, 576),
+            "vlm-pruner-k64": fake_rows(STEADY, TRUTH, 3.0, 0.06, 64),
+            "fastv-k64": fake_rows(SHAKY, TRUTH, 2.9, 0.05, 64)}  # fewer FLOPs, faster, as accurate
+    results = fake_metrics(monkeypatch, tmp_path, runs)
+    got = {r["setting"]: r for r in results}
+    assert [(got[s]["accuracy_pct"], got[s]["agreement_pct"]) for s in got] == [(80, 100), (80, 99), (80, 83)]
+    assert got["fastv-k64"]["quality_drop_points"] == 0 and got["fastv-k64"]["quality_drop_se_points"] == 4
+    assert got["fastv-k64"]["quality_drop_bound_points"] == pytest.approx(1.645 * 4)
+    assert got["vlm-pruner-k64"]["quality_drop_bound_points"] == 0
+    assert [r["setting"] for r in results if r["recommended"]] == ["vlm-pruner-k64"]
+    # the allowed drop decides against the bound: just under it, not recommended; just over, it is
+    for allowed, want in ((6.5, "vlm-pruner-k64"), (6.6, "fastv-k64")):
+        results = fake_metrics(monkeypatch, tmp_path, runs, max_quality_drop=allowed)
+        assert [r["setting"] for r in results if r["recommended"]] == [want]
+
+    # the report puts agreement beside accuracy, in the table and in the recommendation
+    results = fake_metrics(monkeypatch, tmp_path, runs)
+    cfg = CompareConfig(output=str(tmp_path / "report"), methods=("vlm-pruner", "fastv"), keeps=(64,))
+    write_report(results, cfg, "answer_gt", "question_type", {}, 0.0)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert ("**Recommendation: vlm-pruner keep 64.** Of the settings whose accuracy against `answer_gt` stays "
+            "within 1 points of unpruned with its uncertainty counted (the drop's one-sided 95 % upper bound, on "
+            "the same rows), it has the fewest FLOPs: accuracy 80.0 % with agreement with unpruned 99.0 % "
+            "(drop 0.0 points, upper bound 0.0) vs 80.0 % unpruned") in report
+    table = md_tables(report)["All settings"]
+    assert [(row["accuracy %"], row["agreement w/ unpruned %"], row["drop, 95 % upper bound (points)"])
+            for row in table] == [("80.0", "100.0", "0.0"), ("80.0", "99.0", "0.0"), ("80.0", "83.0", "6.6")]
+    assert list(table[0])[2:5] == ["accuracy %", "agreement w/ unpruned %", "drop (points)"]
+
+
+def test_nothing_within_the_bound_names_the_closest(monkeypatch, tmp_path):
+    runs = {"none": fake_rows(UNPRUNED, TRUTH, 9.0, 0.1, 576),
+            "vlm-pruner-k64": fake_rows(UNPRUNED[4:] + ["no"] * 4, TRUTH, 3.0, 0.06, 64),  # 4 right answers lost
+            "fastv-k64": fake_rows(SHAKY, TRUTH, 2.9, 0.05, 64)}
+    results = fake_metrics(monkeypatch, tmp_path, runs)
+    assert [r["recommended"] for r in results] == [True, False, False]
+    text = recommendation_text(results, CompareConfig(), "answer_gt")
+    assert text.startswith("**Recommendation: unpruned.** No pruned setting with fewer FLOPs keeps accuracy")
+    assert results[1]["quality_drop_bound_points"] == pytest.approx(4 + 1.645 * math.sqrt(4 - 16 / 100))  # 7.2
+    assert text.endswith("Closest: fastv keep 64, accuracy 80.0 % with agreement with unpruned 83.0 % "
+                         "(drop 0.0 points, upper bound 6.6).")
 
 
 # ---------------------------------------------------------------- bad arguments
@@ -153,9 +261,14 @@ def recompute(out: Path, model_dir: str, price: float) -> list[dict]:
             "by_group": {g: 100 * sum(ok for ok, r in zip(right, rows) if r["question_type"] == g)
                          / sum(r["question_type"] == g for r in rows) for g in groups},
         })
-    for g in got:
+    ref_right = [normalize_answer(r["answer"]) == normalize_answer(r["answer_gt"]) for r in runs["none"]]
+    for g, rows in zip(got, runs.values()):
         g["speedup"] = g["rows_per_second"] / got[0]["rows_per_second"]
         g["quality_drop_points"] = got[0]["accuracy_pct"] - g["accuracy_pct"]
+        by_id = {r["id"]: normalize_answer(r["answer"]) == normalize_answer(r["answer_gt"]) for r in rows}
+        diffs = [int(a) - int(by_id[r["id"]]) for a, r in zip(ref_right, runs["none"])]  # the same rows, paired
+        g["quality_drop_bound_points"] = 100 * (statistics.fmean(diffs)
+                                                + 1.645 * statistics.pstdev(diffs) / math.sqrt(len(diffs)))
     return got
 
 
@@ -205,9 +318,9 @@ def test_report_figures_recompute_from_rows_and_reruns_reuse_settings(local_ray,
             elif key != "setting":
                 assert r[key] == pytest.approx(value, rel=1e-9, abs=1e-9), (r["setting"], key)
 
-    # the recommendation: cheapest projected cost among settings within the drop, the reference always in
-    eligible = [w for w in want if w["quality_drop_points"] <= 20.0 + 1e-9]
-    best = min(eligible, key=lambda w: (w["cost_per_million_rows"], w["gflops_per_sample"]))
+    # the recommendation: the fewest FLOPs among settings whose drop's bound is within, the reference always in
+    eligible = want[:1] + [w for w in want[1:] if w["quality_drop_bound_points"] <= 20.0 + 1e-9]
+    best = min(eligible, key=lambda w: (w["gflops_per_sample"], -w["agreement_pct"], w["setting"]))
     assert [r["setting"] for r in results if r["recommended"]] == [best["setting"]] == [first["recommended"]]
 
     report = (out / "report.md").read_text()
