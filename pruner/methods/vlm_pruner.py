@@ -16,6 +16,8 @@ not a per-frame one.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,8 @@ from ._common import Grid, Selection, check_keep, check_matrix, grid_coords, uni
 
 STAGE = "layer"  # runs on layer K-1's signals, inside the LLM
 NEEDS = frozenset({"keys", "hidden"})
-PARAMS = ("official", "pivots", "chunk", "tau", "lam", "channels", "alpha", "temporal_scale")
+PARAMS = ("official", "pivots", "chunk", "tau", "lam", "channels", "alpha", "temporal_scale", "backend")
+BACKENDS = ("auto", "torch", "triton")
 TAU_STEP = 0.1
 
 
@@ -32,7 +35,8 @@ def select(keys: Tensor, hidden: Tensor, grid: Grid, keep: int, **params) -> tup
 
     keys: [N, Dk] layer K-1 keys after rotary; hidden: [N, D] layer K-1 outputs;
     grid: (H, W) with H*W == N, a list of grids, or a video's (T, H, W) (see `grid_coords`);
-    params: `select_batch`'s (official, pivots, chunk, tau, lam, channels, alpha, temporal_scale).
+    params: `select_batch`'s (official, pivots, chunk, tau, lam, channels, alpha, temporal_scale,
+    backend).
     """
     hidden = check_matrix("hidden", hidden)
     keys = check_matrix("keys", keys, rows=hidden.shape[0])
@@ -53,6 +57,7 @@ def select_batch(
     channels: int = 256,
     alpha: float = 0.3,
     temporal_scale: float = 1.0,
+    backend: str = "auto",
 ) -> list[tuple[Tensor, Tensor]]:
     """`select` for B samples that share N, the grid and the budget, in one pass of tensor
     ops over the batch: keys [B, N, Dk], hidden [B, N, D] -> one (indices, merged) a sample.
@@ -66,6 +71,12 @@ def select_batch(
     temporal_scale: s in the spatio-temporal distance, video only. `official=True`
     reproduces the reference code: a round that adds nothing ends the selection (fewer than
     `keep` may come back) and keep < pivots still keeps all pivots.
+
+    backend: where the BSS rounds run. "torch": the lockstep tensor ops here, which ask the
+    host after every chunk whether anything was accepted (cheap on a CPU, a queue drain each on
+    a GPU); "triton": one Triton program a sample walks all its rounds on the device
+    (`vlm_pruner_triton`), the same decisions with a constant number of host syncs a call;
+    "auto": triton on CUDA, torch elsewhere. Pivots and SWA are the same tensor ops for both.
     """
     keep = check_keep(keep)
     for name, x in (("keys", keys), ("hidden", hidden)):
@@ -83,6 +94,7 @@ def select_batch(
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if isinstance(temporal_scale, bool) or not isinstance(temporal_scale, (int, float)) or not temporal_scale >= 0:
         raise ValueError(f"temporal_scale must be a number >= 0, got {temporal_scale!r}")
+    on_triton = _on_triton(backend, hidden.device)
     n = hidden.shape[1]
     coords, diag = grid_coords(grid, n, hidden.device, float(temporal_scale))
     if keep >= n:
@@ -91,7 +103,11 @@ def select_batch(
     x = unit_rows(_screen_channels(hidden.float(), channels))  # [B, N, C]
     n_pivots = min(pivots if official else min(pivots, keep), n)
     first = _pivots(keys.float(), n_pivots)  # [B, P]
-    order = _bss(x, coords / diag, first, keep, chunk=chunk, tau=tau, lam=lam, official=official)  # [B, N]
+    if on_triton:
+        from .vlm_pruner_triton import bss
+        order = bss(x, coords / diag, first, keep, chunk=chunk, tau=tau, lam=lam, official=official, step=TAU_STEP)
+    else:
+        order = _bss(x, coords / diag, first, keep, chunk=chunk, tau=tau, lam=lam, official=official)  # [B, N]
     kept, count = _by_order(order, max(keep, n_pivots))  # [B, K] in selection order, [B]
     merged = _swa(x, hidden, kept, alpha)  # [B, K, D]
     indices, perm = kept.sort(dim=1)  # padding (index N) sorts last
@@ -109,6 +125,17 @@ def run_batch(signals: list, keep: int, **params) -> list[Selection]:
     keys = torch.stack([s.keys for s in signals])  # [B, N, Dk]
     hidden = torch.stack([s.hidden for s in signals])  # [B, N, D]
     return [Selection(i, m) for i, m in select_batch(keys, hidden, signals[0].grid, keep, **params)]
+
+
+def _on_triton(backend: str, device: torch.device) -> bool:
+    """Whether `backend` runs the rounds in Triton on tensors on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend == "auto":
+        return device.type == "cuda"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device.type} tensors")
+    return backend == "triton"
 
 
 def _screen_channels(hidden: Tensor, channels: int) -> Tensor:
