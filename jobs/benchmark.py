@@ -4,7 +4,8 @@
     python jobs/benchmark.py runtime [--shape llava-1.5-7b --layers 4 | --model PATH] [--out DIR]
     python jobs/benchmark.py runtime --shape llava-video-7b --layers 4 --frames 32 --random-features \
         --methods vlm-pruner --rates 0.889 --batches 1 --new-tokens 0
-    python jobs/benchmark.py selection [--n 576 --dim 4096 --keeps 192,128,64 --repeats 7]
+    python jobs/benchmark.py selection [--n 576 --dim 4096 --keeps 192,128,64 --repeats 7 --batches 1,8,32]
+    python jobs/benchmark.py selection --device cuda --backend torch,triton --shape llava-1.5-7b
 
 `runtime` (the default when no subcommand is given): what pruning saves in the real runtime,
 each method x budget against unpruned at each batch size, in interleaved rounds (a warm-up,
@@ -17,7 +18,16 @@ download. `--frames T`: random T-frame clips for images. `--random-features`: ra
 outputs for the tower (SigLIP on 32 frames is too slow on CPU); the timed prefill is unchanged.
 
 `selection` times each method's token selection alone on random inputs shaped like
-LLaVA-1.5-7B's layer-2 signals, and VLM-Pruner with chunk 16 vs chunk 1.
+LLaVA-1.5-7B's layer-2 signals, and VLM-Pruner with chunk 16 vs chunk 1; then VLM-Pruner's
+`select_batch` at each of `--batches`, ms per batch, on each `--backend` (comma-separated:
+side by side in the same interleaved rounds, each checked against the torch backend's
+tokens). With `--shape S` (random weights, `--layers` to cut the LLM) or `--model PATH`, also
+VLM-Pruner's selection inside the real prefill at `--share-keep`: ms per batch, its share of
+the pruned prefill, and the pruned prefill's speedup over the unpruned one. The prepared GPU
+run (LLaVA-1.5-7B's widths, all 32 LLM layers, bf16; not yet run on a GPU):
+
+    python jobs/benchmark.py selection --device cuda --backend torch,triton --shape llava-1.5-7b \
+        --keeps 64 --json out/selection-gpu.json > out/selection-gpu.md
 """
 from __future__ import annotations
 
@@ -59,6 +69,32 @@ def run_runtime(args: argparse.Namespace) -> dict:
     return report
 
 
+def run_selection(args: argparse.Namespace) -> None:
+    from pruner.vlm import placement
+
+    if args.layers is not None and not args.shape:
+        raise SystemExit("--layers needs --shape")
+    backends = tuple(b for b in args.backend.split(",") if b)
+    if not backends or set(backends) - {"auto", "torch", "triton"}:
+        raise SystemExit(f"--backend takes auto, torch or triton, comma-separated; got {args.backend!r}")
+    device, dtype = placement(args.device, args.dtype and getattr(torch, args.dtype))
+    keeps = [int(k) for k in args.keeps.split(",")]
+    where = dict(device=device, dtype=dtype, backends=backends)
+    rows = benchmark.bench_selection(args.n, args.dim, keeps, args.repeats, **where)
+    batch_rows = benchmark.bench_selection_batches(args.n, args.dim, keeps, [int(b) for b in args.batches.split(",") if b],
+                                                   args.repeats, **where)
+    share_rows, name = [], ""
+    if args.shape or args.model:
+        model, processor, name = load_model(args.shape, args.layers, args.model, args.dtype, str(device), args.seed, False)
+        share_rows = benchmark.selection_share(model, processor, scene_images, args.share_keep,
+                                               [int(b) for b in args.batches.split(",") if b] or [1],
+                                               backends=backends, repeats=args.share_repeats)
+    label = "CPU" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)}, {str(dtype).removeprefix('torch.')}"
+    print(benchmark.selection_markdown(rows, args.n, args.dim, args.repeats, label, batch_rows, share_rows, name))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"alone": rows, "batches": batch_rows, "share": share_rows}, indent=1))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -93,6 +129,18 @@ def parser() -> argparse.ArgumentParser:
     sel.add_argument("--dim", type=int, default=4096, help="key and hidden width")
     sel.add_argument("--keeps", default="192,128,64")
     sel.add_argument("--repeats", type=int, default=7)
+    sel.add_argument("--device", help="default: cuda when available, else cpu")
+    sel.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA, fp32 on CPU")
+    sel.add_argument("--backend", default="auto",
+                     help="VLM-Pruner's backend(s), comma-separated: auto, torch, triton (default: %(default)s)")
+    sel.add_argument("--batches", default="1,8,32", help="VLM-Pruner's select_batch at these batch sizes ('' to skip)")
+    share = sel.add_mutually_exclusive_group()
+    share.add_argument("--shape", choices=sorted(SHAPES), help="the share of the prefill, random weights at these widths")
+    share.add_argument("--model", help="the share of the prefill on this checkpoint (path or name)")
+    sel.add_argument("--layers", type=int, help="with --shape: LLM layers (default: the checkpoint's)")
+    sel.add_argument("--share-keep", type=int, default=64, help="keep for the share of the prefill")
+    sel.add_argument("--share-repeats", type=int, default=5, help="interleaved prefill rounds after a warm-up")
+    sel.add_argument("--seed", type=int, default=0)
     sel.add_argument("--json", help="also write the rows here")
 
     res = sub.add_parser("resume", help="driver memory and seconds of resume + summary at N finished rows (no model)")
@@ -115,10 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(0, "runtime")  # runtime is the default mode
     args = parser().parse_args(argv)
     if args.what == "selection":
-        rows = benchmark.bench_selection(args.n, args.dim, [int(k) for k in args.keeps.split(",")], args.repeats)
-        print(benchmark.selection_markdown(rows, args.n, args.dim, args.repeats))
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+        run_selection(args)
     elif args.what == "resume":
         print(json.dumps(bench_resume(args.rows, args.rows_per_file, args.output), indent=1))
     elif args.what == "pipeline":

@@ -32,10 +32,13 @@ from .vlm import PrunedVLM
 # ---------------------------------------------------------------------- selection alone
 
 
-def bench_selection(n: int, dim: int, keeps: list[int], repeats: int, text: int = 60) -> list[dict]:
-    side = int(n**0.5)
-    if side * side != n:
-        raise SystemExit(f"--n must be a square number of tokens (a grid), got {n}")
+def bench_selection(n: int, dim: int, keeps: list[int], repeats: int, text: int = 60, *,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    backends: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """Each method's `run` alone on one random sample shaped like layer K-1's signals, ms per
+    call (median of `repeats` after a warm-up); VLM-Pruner once a backend ("auto": unlabelled)."""
+    side = _side(n)
+    device = torch.device(device)
     g = torch.Generator().manual_seed(0)
     signals = Signals(
         grid=(side, side),
@@ -44,28 +47,134 @@ def bench_selection(n: int, dim: int, keeps: list[int], repeats: int, text: int 
         text_keys=torch.randn(text, dim, generator=g), text_hidden_normed=torch.randn(text, dim, generator=g),
         features=torch.randn(n, dim, generator=g),
     )
-    settings = [(name, {}) for name, m in METHODS.items() if m.run is not None]
-    settings.append(("vlm-pruner", {"chunk": 1}))
+    signals = Signals(grid=signals.grid, **{f.name: getattr(signals, f.name).to(device, dtype)
+                                            for f in dataclasses.fields(signals) if f.name != "grid"})
+    on = [{} if b == "auto" else {"backend": b} for b in backends]
+    settings = [(name, params) for name, m in METHODS.items() if m.run is not None
+                for params in (on if name == "vlm-pruner" else [{}])]
+    settings += [("vlm-pruner", {"chunk": 1, **params}) for params in on]
     rows = []
     for name, params in settings:
         for keep in keeps:
-            median, spread = time_runs(lambda: METHODS[name].run(signals, keep, **params), repeats)
+            def call():
+                out = METHODS[name].run(signals, keep, **params)
+                sync(device)
+                return out
+            assert len(call().indices) == keep, (name, params, keep)
+            median, spread = time_runs(call, repeats)
             label = Setting(name, keep, tuple(params.items())).label
             rows.append({"method": label, "keep": keep, "ms": median * 1e3, "spread_ms": spread * 1e3})
     return rows
 
 
-def selection_markdown(rows: list[dict], n: int, dim: int, repeats: int) -> str:
-    """`bench_selection`'s rows as a Markdown table, method x keep."""
+def bench_selection_batches(n: int, dim: int, keeps: list[int], batches: list[int], repeats: int, *,
+                            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                            backends: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """VLM-Pruner's `select_batch` alone on random [B, N, dim] keys and hidden states: ms per
+    batch for each backend x batch x keep, in interleaved rounds (one untimed round first).
+    Before timing, each backend's tokens are compared with the torch backend's on the same
+    inputs ("same": samples with identical indices)."""
+    from .methods import vlm_pruner
+
+    side = _side(n)
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    inputs = {b: (torch.randn(b, n, dim, generator=g).to(device, dtype), torch.randn(b, n, dim, generator=g).to(device, dtype))
+              for b in batches}
+    settings = [(backend, b, keep) for b in batches for keep in keeps for backend in backends]
+
+    def call(backend: str, b: int, keep: int) -> list:
+        out = vlm_pruner.select_batch(*inputs[b], (side, side), keep, backend=backend)
+        sync(device)
+        return out
+
+    same = {}
+    for backend, b, keep in settings:
+        got, want = call(backend, b, keep), call("torch", b, keep)
+        assert all(len(idx) == keep for idx, _ in got), (backend, b, keep)
+        same[backend, b, keep] = sum(torch.equal(i, j) for (i, _), (j, _) in zip(got, want))
+    runs: dict[tuple, list[float]] = {s: [] for s in settings}
+    for round_ in range(1 + repeats):
+        for s in settings:
+            start = time.perf_counter()
+            call(*s)
+            if round_:
+                runs[s].append(time.perf_counter() - start)
+    auto = "auto: triton" if vlm_pruner._on_triton("auto", device) else "auto: torch"
+    return [{"backend": auto if backend == "auto" else backend, "batch": b, "keep": keep,
+             "ms": statistics.median(runs[backend, b, keep]) * 1e3,
+             "spread_ms": _spread(runs[backend, b, keep]) * 1e3, "same": same[backend, b, keep]}
+            for backend, b, keep in settings]
+
+
+def selection_share(model, processor, images: Callable[[int], list], keep: int, batches: list[int], *,
+                    backends: tuple[str, ...], repeats: int, warmup: int = 1, prune_layer: int = 2,
+                    question_tokens: int = 60, log: Callable[[str], None] = lambda msg: None) -> list[dict]:
+    """VLM-Pruner's selection inside the real prefill (the runtime's `select`: its signals and
+    the method) at `keep`, a row per backend and batch: ms per batch, its share of the pruned
+    prefill, and the pruned prefill against the unpruned one, all from `measure_batch`'s
+    interleaved rounds (prefill only)."""
+    settings = [Setting("none")] + [Setting("vlm-pruner", keep, (("backend", b),)) for b in backends]
+    rows = []
+    for batch in batches:
+        runs = measure_batch(model, processor, settings, images(batch), prune_layer=prune_layer, repeats=repeats,
+                             warmup=warmup, new_tokens=0, question_tokens=question_tokens, log=log)
+        unpruned = statistics.median(runs[settings[0]].prefill)
+        for s in settings[1:]:
+            r = runs[s]
+            assert r.image_tokens_kept == keep < r.image_tokens, (s, r.image_tokens, r.image_tokens_kept)
+            prefill_s = statistics.median(r.prefill)
+            rows.append({
+                "backend": dict(s.params)["backend"], "batch": batch, "keep": keep, "image_tokens": r.image_tokens,
+                "selection_ms": statistics.median(r.selection) * 1e3, "selection_spread_ms": _spread(r.selection) * 1e3,
+                "share": statistics.median([a / b for a, b in zip(r.selection, r.prefill)]),
+                "prefill_ms": prefill_s * 1e3, "prefill_spread_ms": _spread(r.prefill) * 1e3,
+                "unpruned_prefill_ms": unpruned * 1e3, "prefill_speedup": unpruned / prefill_s,
+            })
+    return rows
+
+
+def selection_markdown(rows: list[dict], n: int, dim: int, repeats: int, device: str = "CPU",
+                       batch_rows: list[dict] = (), share_rows: list[dict] = (), model: str = "") -> str:
+    """`bench_selection`'s rows as a Markdown table, method x keep; then, where given,
+    `bench_selection_batches`' and `selection_share`'s."""
     keeps = list(dict.fromkeys(r["keep"] for r in rows))
-    lines = [f"Selection time, N={n}, D={dim}, CPU threads={torch.get_num_threads()} "
-             f"(cores={os.cpu_count()}), median of {repeats} after a warm-up", "",
+    where = f"CPU threads={torch.get_num_threads()} (cores={os.cpu_count()})" if device == "CPU" else device
+    lines = [f"Selection time, N={n}, D={dim}, {where}, median of {repeats} after a warm-up", "",
              "| method | " + " | ".join(f"keep {k} (ms)" for k in keeps) + " |",
              "|---|" + "---|" * len(keeps)]
     for label in dict.fromkeys(r["method"] for r in rows):
         cells = [f"{r['ms']:.2f} ± {r['spread_ms'] / 2:.2f}" for r in rows if r["method"] == label]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if batch_rows:
+        lines += ["", f"VLM-Pruner's `select_batch` alone, ms per batch, random [B, {n}, {dim}] inputs, median ± half "
+                      f"the spread of {repeats} interleaved rounds; same = samples whose tokens equal the torch "
+                      "backend's", "",
+                  "| backend | batch | keep | ms per batch | same |", "|---|---|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['batch']} | {r['keep']} | {r['ms']:.2f} ± {r['spread_ms'] / 2:.2f} "
+                  f"| {r['same']}/{r['batch']} |" for r in batch_rows]
+    if share_rows:
+        lines += ["", f"VLM-Pruner inside the prefill ({model}): the runtime's selection (its signals and the "
+                      "method) per batch and its share of the pruned prefill; pruned prefill against unpruned; "
+                      "median ± half the spread of interleaved rounds", "",
+                  "| backend | batch | keep | selection ms | % of pruned prefill | pruned prefill ms "
+                  "| unpruned prefill ms | prefill speedup |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['batch']} | {r['keep']} of {r['image_tokens']} "
+                  f"| {r['selection_ms']:.2f} ± {r['selection_spread_ms'] / 2:.2f} | {100 * r['share']:.1f} % "
+                  f"| {r['prefill_ms']:.1f} ± {r['prefill_spread_ms'] / 2:.1f} | {r['unpruned_prefill_ms']:.1f} "
+                  f"| {r['prefill_speedup']:.2f}x |" for r in share_rows]
     return "\n".join(lines)
+
+
+def _side(n: int) -> int:
+    side = int(n**0.5)
+    if side * side != n:
+        raise SystemExit(f"--n must be a square number of tokens (a grid), got {n}")
+    return side
+
+
+def _spread(xs: list[float]) -> float:
+    return max(xs) - min(xs)
 
 
 # ---------------------------------------------------------------------- runtime: measuring

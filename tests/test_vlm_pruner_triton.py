@@ -13,6 +13,7 @@ torch's matmul (as torch's own result flips when the channels are permuted).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -155,6 +156,28 @@ def test_known_answer_tests_pass_on_the_triton_backend():
     proc = _interpreted(args)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_selection_benchmark_runs_both_backends_here(model_dir, tmp_path):
+    """`jobs/benchmark.py selection --backend torch,triton` with the tiny model (the GPU
+    script's command, small): both backends side by side, the kernel's tokens equal the
+    torch backend's, and the selection's share of a real pruned prefill for each."""
+    out = tmp_path / "selection.json"
+    proc = _interpreted(["jobs/benchmark.py", "selection", "--device", "cpu", "--n", "36", "--dim", "24",
+                         "--keeps", "9", "--repeats", "1", "--batches", "1,2", "--backend", "torch,triton",
+                         "--model", model_dir, "--share-keep", "9", "--share-repeats", "1", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["alone"] if r["method"].startswith("vlm")] == [
+        "vlm-pruner backend=torch", "vlm-pruner backend=triton",
+        "vlm-pruner chunk=1 backend=torch", "vlm-pruner chunk=1 backend=triton"]
+    assert [(r["backend"], r["batch"], r["same"]) for r in report["batches"]] == [
+        ("torch", 1, 1), ("triton", 1, 1), ("torch", 2, 2), ("triton", 2, 2)]
+    assert [(r["backend"], r["batch"], r["keep"], r["image_tokens"]) for r in report["share"]] == [
+        ("torch", 1, 9, 36), ("triton", 1, 9, 36), ("torch", 2, 9, 36), ("triton", 2, 9, 36)]
+    assert all(0 < r["share"] < 1 and r["prefill_ms"] > r["selection_ms"] > 0 for r in report["share"])
+    assert "| triton | 2 | 9 of 36 |" in proc.stdout
 
 
 class _HostReads(TorchFunctionMode):
