@@ -29,8 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         print(f"caption.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once; rows in flight were not written, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     summary.pop("config", None)
     print(json.dumps(summary, indent=1))
+    if summary["interrupted"]:
+        print(f"interrupted: {summary['processed']} rows written this run, {summary['rows']} in all; "
+              f"rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

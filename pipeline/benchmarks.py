@@ -117,7 +117,7 @@ def bench_resume(rows: int, rows_per_file: int, output: str | None = None) -> di
     start = time.perf_counter()
     job_id = write_finished(folder, rows, rows_per_file)
     print(f"wrote {rows:,} finished rows in {time.perf_counter() - start:.0f} s to {folder}", file=sys.stderr)
-    code = f"import json; from pipeline.scale import measure; print(json.dumps(measure({folder!r}, {job_id!r})))"
+    code = f"import json; from pipeline.scale import measure; print(json.dumps(measure({folder!r}, {job_id!r}, {rows})))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -23,6 +23,12 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), posixpath.abspath(uri)
 
 
+def glob_root(uri: str) -> str:
+    """The folder part of a path before any glob character (the path itself without one)."""
+    cut = min((uri.index(c) for c in "*?[" if c in uri), default=None)
+    return uri if cut is None else posixpath.dirname(uri[:cut])
+
+
 def first_line(e: BaseException) -> str:
     """An exception as one line: its message's first line, or its type when it has none."""
     text = str(e).strip()

@@ -23,6 +23,7 @@ from pruner.vlm import budget
 from .common import JobError, first_line
 from .demo import EVAL_PARQUET, MODEL_DIR
 from .images import DEFAULT_MAX_PIXELS
+from .sources import input_kind
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES
 
 DEFAULT_QUESTION = "Describe the image briefly."
@@ -106,7 +107,7 @@ class JobConfig:
         set_("method_params", dict(self.method_params))
         set_("model", local_path(self.model) if self.model else str(MODEL_DIR))
         set_("input", local_path(self.input))
-        set_("output", local_path(self.output))
+        set_("output", local_path(self.output, hub=False))
         layers, takes_video = model_info(self.model)
         if self.video_column is not None and not takes_video:
             raise JobError(f"--video-column: the model {self.model_name!r} takes no video (families that do: "
@@ -130,12 +131,12 @@ def _at_least(name: str, value: Any, low: int) -> None:
         raise JobError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
 
 
-def local_path(uri: str) -> str:
-    """Local paths absolute (so that reruns from another directory compare equal); URIs and
-    hub names as given."""
-    if "://" in uri or not (os.path.exists(uri) or "/" in uri or uri.endswith(".parquet")):
+def local_path(uri: str, hub: bool = True) -> str:
+    """Local paths absolute (so that reruns from another directory compare equal); URIs, and
+    with `hub` Hugging Face Hub names (`org/name` where no such local path exists), as given."""
+    if "://" in uri or (hub and input_kind(uri) == "hub"):
         return uri
-    return os.path.abspath(uri)
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 @functools.lru_cache(maxsize=16)
@@ -150,8 +151,18 @@ def model_info(model: str) -> tuple[int, bool]:
     except ValueError as e:
         raise JobError(first_line(e)) from None
     except OSError as e:
-        raise JobError(f"cannot load model {model!r}: {first_line(e)}") from None
+        if os.path.isabs(model):
+            raise JobError(f"cannot load model {model!r}: {first_line(e)}") from None
+        hub = "in the local cache (HF_HUB_OFFLINE is set)" if _offline() else "in the local cache or on the Hub"
+        raise JobError(f"--model {model!r} is neither a local checkpoint folder nor a Hugging Face model {hub}: "
+                       f"{first_line(e)}") from None
     return config.get_text_config().num_hidden_layers, adapter.takes_video
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def model_fingerprint(model: str) -> str | None:

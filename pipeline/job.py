@@ -9,12 +9,19 @@ this configuration (`pipeline.output` says what the folder holds).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from typing import Any
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
@@ -24,14 +31,15 @@ from . import output as out_
 from .common import saved_pct
 from .config import ANSWER_FIELDS, JobConfig, JobError, model_fingerprint
 from .sources import Source, SourceError, open_source
-from .numbering import Numberer
+from .inputs import InputPlan, plan_inputs
+from .numbering import Numberer, RunFiles, StopFlag
 from .stages import Answerer, Columns, Preparer
 
 MANIFEST_VERSION = 1
 
 
 def columns(cfg: JobConfig, source: Source) -> Columns:
-    names = source.dataset.schema().names
+    names = source.column_names()
     video = cfg.video_column or (source.video_column if cfg.image_column is None else None)
     image = None if video else cfg.image_column or source.image_column
 
@@ -102,7 +110,9 @@ def open_manifest(folder: out_.Folder, cfg: JobConfig) -> dict:
 def run(cfg: JobConfig) -> dict:
     """Run the job to completion; returns (and writes) the summary. Raises JobError, before
     any work, for an unusable output folder, one that another run holds, one that holds
-    another configuration, or an input that does not have the columns asked for."""
+    another configuration, an input that does not have the columns asked for, or a known
+    input file whose content changed. A first Ctrl-C stops taking rows and writes the rows
+    in flight (the summary says `interrupted`); a second stops at once."""
     folder = out_.Folder(cfg.output)
     folder.check(cfg.input)  # before Ray starts: nothing is written yet
     out_.Lock(folder).check()
@@ -117,25 +127,54 @@ def run(cfg: JobConfig) -> dict:
         raise JobError(str(e)) from None
     cols = columns(cfg, source)
     folder.create()
-    with out_.Lock(folder):
+    with out_.Lock(folder), RunFiles() as files:
         manifest = open_manifest(folder, cfg)
-        done = out_.prepare_resume(folder, manifest["job_id"], cfg.limit, cfg.retry_errors)
+        plan = plan_inputs(source, manifest.get("inputs"))
+        manifest["inputs"] = plan.record
+        scope = plan.scope(cfg.limit)
+        done = out_.prepare_resume(folder, manifest["job_id"], scope, cfg.retry_errors)
         folder.write_json(out_.MANIFEST, manifest)
+        files.write(plan.table(), done.rows)
         prefix = out_.file_prefix(manifest["job_id"], manifest["runs"])
         start = time.perf_counter()
-        ds = pipeline(cfg, source, cols, done)
-        ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file, filename_provider=out_.FileNames(prefix))
+        ds = pipeline(cfg, source, plan, cols, files.dir)
+        with stop_on_interrupt(files):
+            ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file,
+                             filename_provider=out_.FileNames(prefix))
         wall = time.perf_counter() - start
-        return write_summary(folder, cfg, manifest, done, wall, write_seconds(ds))
+        return write_summary(folder, cfg, manifest, done, wall, write_seconds(ds), scope=scope,
+                             missing=plan.missing, interrupted=files.stop.is_set())
 
 
-def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> ray.data.Dataset:
+@contextlib.contextmanager
+def stop_on_interrupt(files: RunFiles) -> Iterator[None]:
+    """The first Ctrl-C stops the numbering actor taking rows, so the pipeline drains: the
+    rows in flight are answered and written. The second raises KeyboardInterrupt as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum: int, frame: Any) -> None:
+        files.stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("interrupted: answering and writing the rows in flight (Ctrl-C again stops at once; "
+              "those rows then run again on resume)", file=sys.stderr, flush=True)
+
+    before = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run_dir: str) -> ray.data.Dataset:
     gpus = cfg.num_gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpus = ray.cluster_resources().get("CPU", 1)
 
-    ds = source.dataset
+    ds = source.read([f.path for f in plan.files])
+    stop = StopFlag(os.path.basename(run_dir))
     # In order: rows are numbered by position as they pass one actor, and --limit means the first
     # rows. On the dataset's own context: a dataset copies the current one when it is read, so
     # setting the current one here came too late for the first job in a process.
@@ -148,7 +187,7 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     ds = ds.map_batches(Numberer, batch_format="pyarrow", batch_size=None, num_cpus=0, label_selector=here,
                         compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
-                        fn_constructor_kwargs={"done": ray.put(done.rows)})
+                        fn_constructor_kwargs={"run_dir": run_dir})
     # One model batch per block, so preprocessing spreads over workers batch by batch and
     # answers stream to the writer as groups finish rather than when a whole input file is done.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
@@ -164,7 +203,8 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
         ds = ds.map_batches(Preparer, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=int(spare >= 1),
                             compute=ActorPoolStrategy(min_size=1, max_size=max(1, spare)), fn_constructor_kwargs=prep)
         return ds.map_batches(Answerer, batch_size=group, batch_format="pyarrow", num_gpus=gpus, num_cpus=1,
-                              compute=ActorPoolStrategy(size=cfg.concurrency), fn_constructor_kwargs={"cfg": cfg})
+                              compute=ActorPoolStrategy(size=cfg.concurrency),
+                              fn_constructor_kwargs={"cfg": cfg, "stop": stop})
     # On CPUs the model's cores are the preprocessing cores, so each model actor preprocesses
     # its own batches: a separate stage only added a second start-up (~6 s of torch and
     # transformers imports), serialising tensors across processes, and contention.
@@ -172,7 +212,7 @@ def pipeline(cfg: JobConfig, source: Source, cols: Columns, done: out_.Done) -> 
     return ds.map_batches(
         Answerer, batch_size=group, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=min(1.0, cpus / 2), runtime_env={"env_vars": cpu_actor_env(threads)},
-        fn_constructor_kwargs={"cfg": cfg, "threads": threads, "prepare": prep})
+        fn_constructor_kwargs={"cfg": cfg, "threads": threads, "prepare": prep, "stop": stop})
 
 
 # glibc's malloc returns every freed block above its mmap threshold (activations of a batch:
@@ -241,7 +281,8 @@ def bound_by(seconds: dict) -> str:
 
 
 def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out_.Done, wall: float,
-                  write: float | None = None) -> dict:
+                  write: float | None = None, scope: np.ndarray | None = None, missing: list[str] = (),
+                  interrupted: bool = False) -> dict:
     """The final state of the folder, and what this run did."""
     t = out_.totals(folder, manifest["job_id"], manifest["runs"])
     seconds = stage_seconds(t, wall, cfg.concurrency, write)
@@ -252,7 +293,7 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
         "processed": t.processed,
         "errors_this_run": t.errors_this_run,
         "retried": done.retried,
-        "skipped": done.in_scope(cfg.limit),
+        "skipped": done.in_scope(scope),
         "repeated_ids": t.repeated_ids,
         "image_tokens_kept_mean": round(t.kept_sum / t.ok, 3) if t.ok else None,
         "flops_saved_pct": None if not t.flops_unpruned else round(saved_pct(t.flops, t.flops_unpruned), 2),
@@ -264,6 +305,9 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
         "limit": cfg.limit,
         "moved_aside": done.moved_aside,
         "foreign_files": foreign,
+        "input_files": len(manifest.get("inputs", [])),
+        "missing_input_files": list(missing),  # known files no longer in the input: their rows stay
+        "interrupted": interrupted,
         "config": manifest["config"],
     }
     folder.write_json(out_.SUMMARY, summary)
@@ -272,6 +316,9 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
     if t.repeated_ids:
         print(f"warning: {t.repeated_ids} rows repeat another row's id ({cfg.id_column or 'id'}); each input row "
               f"still has its own output row (column input_row)", file=sys.stderr)
+    if missing:
+        print(f"warning: {len(missing)} input files answered before are gone ({', '.join(missing[:3])}"
+              f"{', ...' if len(missing) > 3 else ''}); their rows stay in {cfg.output}", file=sys.stderr)
     if t.duplicate_rows:
         print(f"warning: {t.duplicate_rows} input rows have more than one output row in {cfg.output}",
               file=sys.stderr)

@@ -1,30 +1,91 @@
-"""Row positions: what the job tracks rows by.
+"""Row numbers: what the job tracks rows by; and the flag that stops a run early.
 
 Kept apart from the model code (it imports no torch), so that its actor starts in a moment
 rather than after the seconds a torch import takes.
 """
 from __future__ import annotations
 
-from typing import Any
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.feather as feather
+
+PLAN, DONE = "plan.arrow", "done.npy"
+
+
+class RunFiles:
+    """A folder of the driver's, for this run only, with what the numbering actor reads: the
+    plan and the rows already done. The actor runs on the driver's node, so local files reach
+    it; an object in Ray's store would be an argument that a restarted actor could not get
+    back, which Ray reports at error level."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="vlm-pruner-run-")
+        self.stop = StopFlag(os.path.basename(self.dir))
+
+    def write(self, plan: pa.Table, done: np.ndarray) -> None:
+        feather.write_feather(plan, os.path.join(self.dir, PLAN))
+        np.save(os.path.join(self.dir, DONE), done)
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.stop.clear()
+
+    def __enter__(self) -> RunFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class StopFlag:
+    """Set by the driver on Ctrl-C, read by the stages before each batch, on any node: a key in
+    Ray's cluster-wide key-value store (one small request a batch)."""
+
+    def __init__(self, run: str):
+        self.key = f"vlm-pruner-stop-{run}".encode()
+
+    def set(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(self.key, b"1")
+
+    def is_set(self) -> bool:
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+        return _internal_kv_initialized() and _internal_kv_get(self.key) is not None
+
+    def clear(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_initialized
+
+        if _internal_kv_initialized():
+            _internal_kv_del(self.key)
 
 
 class Numberer:
-    """Gives each input row its position (`input_row`) and drops the rows already done.
+    """Gives each input row its `input_row`, `source_file` and `source_row`, and drops the rows
+    already done (and, once the run is asked to stop, every row).
 
-    Ray Data has no row index, so one actor counts rows as blocks arrive; the job runs with
+    Ray Data has no row index, so one actor counts rows as blocks arrive: the job runs with
     `preserve_order` and gives this actor one block at a time (Ray Data lets an actor run its
-    queued tasks out of order), so the count is the row's position in read order, the same
-    on every run over the same input.
+    queued tasks out of order), so the count is the row's position in the read, and the
+    plan's files were read in the plan's order. The plan maps that position to the file and
+    the number the file's rows keep from run to run (`pipeline.inputs`).
     An actor that Ray restarted (its node was lost) would count from 0 again, so it refuses
     to work: the job fails, and a rerun resumes, rather than misnumber rows."""
 
-    def __init__(self, done: Any):
+    def __init__(self, run_dir: str):
         import ray
 
-        self.done = ray.get(done) if isinstance(done, ray.ObjectRef) else done  # bool [rows done so far]
+        plan = feather.read_table(os.path.join(run_dir, PLAN))
+        self.names = plan.column("name").combine_chunks()  # [files]
+        self.starts = plan.column("start").to_numpy()  # [files] read position of each file's first row
+        self.first_rows = plan.column("first_row").to_numpy()  # [files]
+        self.done = np.load(os.path.join(run_dir, DONE))  # bool [rows done so far]
+        self.stop = StopFlag(os.path.basename(run_dir))
         self.next = 0
         self.restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
 
@@ -33,9 +94,16 @@ class Numberer:
             raise RuntimeError("the row-numbering actor was restarted and cannot know the rows' positions; "
                                "rerun the job to resume")
         n = batch.num_rows
-        rows = np.arange(self.next, self.next + n, dtype=np.int64)
+        read = np.arange(self.next, self.next + n, dtype=np.int64)  # [n] positions in the read
         self.next += n
+        file = np.searchsorted(self.starts, read, side="right") - 1  # [n] index into the plan's files
+        source_row = read - self.starts[file]
+        rows = self.first_rows[file] + source_row
         batch = set_column(batch, "input_row", pa.array(rows))
+        batch = set_column(batch, "source_file", self.names.take(pa.array(file)))
+        batch = set_column(batch, "source_row", pa.array(source_row))
+        if self.stop.is_set():
+            return batch.slice(0, 0)
         inside = rows < len(self.done)
         skip = np.zeros(n, bool)
         skip[inside] = self.done[rows[inside]]

@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.datasource import FilenameProvider
 
-from .common import JobError, filesystem, first_line
+from .common import JobError, filesystem, first_line, glob_root
 
 MANIFEST = "_job.json"
 LOCK = "_job.lock"
@@ -59,15 +59,9 @@ class Folder:
 
     def check(self, input_uri: str) -> None:
         """Fail with one line when the folder is unusable or overlaps the input."""
-        if "://" not in input_uri and "://" not in self.uri and os.path.exists(_glob_root(input_uri)):
-            a, b = os.path.realpath(self.root), os.path.realpath(_glob_root(input_uri))
-            if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
-                raise JobError(f"--output {self.uri} overlaps the input {input_uri}: choose a folder "
-                               f"outside it (the job never writes next to its input)")
-        elif "://" in input_uri and "://" in self.uri:
-            a, b = self.uri.rstrip("/"), _glob_root(input_uri).rstrip("/")
-            if a == b or b.startswith(a + "/") or a.startswith(b + "/"):
-                raise JobError(f"--output {self.uri} overlaps the input {input_uri}: choose a folder outside it")
+        if overlaps(self.uri, input_uri):
+            raise JobError(f"--output {self.uri} overlaps the input {input_uri}: choose a folder outside it "
+                           f"(the job never writes next to its input)")
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.File:
             raise JobError(f"--output {self.uri} is a file, not a folder")
@@ -128,7 +122,27 @@ def is_temp(name: str) -> bool:
 
 
 def is_own(name: str, job_id: str) -> bool:
-    return name.startswith(f"{PREFIX}{job_id}-") and name.endswith(".parquet")
+    """Exactly the names `FileNames` gives: a user's `labels-<job>-... (copy).parquet` is not."""
+    return re.fullmatch(rf"{PREFIX}{re.escape(job_id)}-r\d{{4,}}-[0-9a-f]+-\d{{6,}}(-\d+)?\.parquet", name) is not None
+
+
+def overlaps(output: str, input_uri: str) -> bool:
+    """Whether one contains the other, compared as resolved locations: `file://`, relative
+    paths, `..`, symlinks and trailing slashes all name the same place."""
+    a, b = _resolved(output), _resolved(glob_root(input_uri))
+    if a[0] != b[0]:
+        return False
+    sep = os.sep if a[0] == "local" else "/"
+    return a[1] == b[1] or b[1].startswith(a[1].rstrip(sep) + sep) or a[1].startswith(b[1].rstrip(sep) + sep)
+
+
+def _resolved(uri: str) -> tuple[str, str]:
+    """(scheme, normalised path); a local path resolved through symlinks."""
+    uri = uri.removeprefix("file://")
+    if "://" in uri:
+        scheme, path = uri.split("://", 1)
+        return scheme, posixpath.normpath(path)
+    return "local", os.path.realpath(os.path.expanduser(uri))
 
 
 def file_prefix(job_id: str, run: int) -> str:
@@ -150,12 +164,6 @@ class FileNames(FilenameProvider):
 def run_of(path: str) -> int:
     m = re.search(r"-r(\d+)-", posixpath.basename(path))
     return int(m.group(1)) if m else -1
-
-
-def _glob_root(uri: str) -> str:
-    """The folder part of a path before any glob character."""
-    cut = min((uri.index(c) for c in "*?[" if c in uri), default=None)
-    return uri if cut is None else posixpath.dirname(uri[:cut])
 
 
 # ---------------------------------------------------------------------- one writer at a time
@@ -284,18 +292,27 @@ class Done:
     retried: int  # error rows removed so that this run does them again
     moved_aside: list[str] = field(default_factory=list)
 
-    def in_scope(self, limit: int | None) -> int:
-        return int(self.rows[:limit].sum()) if limit is not None else self.count
+    def in_scope(self, scope: np.ndarray | None) -> int:
+        """Rows done among those `scope` selects (bool by input_row; None: all)."""
+        if scope is None:
+            return self.count
+        n = min(len(scope), len(self.rows))
+        return int((self.rows[:n] & scope[:n]).sum())
 
 
 def own_tables(folder: Folder, files: list[str], columns: list[str] | None) -> Iterator[tuple[str, pa.Table]]:
-    """Each readable file's table; one that a live or killed run is still writing is skipped
-    (its rows are not done)."""
+    """Each file's table. A file still being written (no footer yet) is skipped: its rows are
+    not done. Any other file that cannot be read is an error that names it, never a silent
+    undercount."""
     for path in files:
         try:
-            table = pq.read_table(path, columns=columns, filesystem=folder.fs)
+            pq.read_metadata(path, filesystem=folder.fs)
         except (pa.ArrowException, OSError):
             continue
+        try:
+            table = pq.read_table(path, columns=columns, filesystem=folder.fs)
+        except (pa.ArrowException, OSError) as e:
+            raise JobError(f"{path} cannot be read as this job's output: {first_line(e)}") from None
         yield path, table
 
 
@@ -314,8 +331,9 @@ def set_aside_unreadable(folder: Folder, job_id: str) -> list[str]:
     return moved
 
 
-def prepare_resume(folder: Folder, job_id: str, limit: int | None, retry_errors: bool) -> Done:
-    """What this run may skip. With `retry_errors`, error rows within the first `limit` rows are
+def prepare_resume(folder: Folder, job_id: str, scope: np.ndarray | None, retry_errors: bool) -> Done:
+    """What this run may skip. With `retry_errors`, error rows this run reads (`scope`, bool by
+    input_row; None: every row) are
     removed from their files first (each file rewritten to a temporary name and moved over the
     original), so that the folder never holds two rows for one input row, even if this run is
     killed half-way: a removed row is simply not done yet."""
@@ -326,8 +344,10 @@ def prepare_resume(folder: Folder, job_id: str, limit: int | None, retry_errors:
         rows = table.column("input_row").to_numpy()
         if retry_errors:
             drop = pc.is_valid(table.column("error")).to_numpy(zero_copy_only=False)
-            if limit is not None:
-                drop &= rows < limit
+            if scope is not None:
+                read = np.zeros_like(drop)
+                read[rows < len(scope)] = scope[rows[rows < len(scope)]]
+                drop &= read
             if drop.any():
                 retried += int(drop.sum())
                 _rewrite_without(folder, path, drop)

@@ -5,7 +5,9 @@ import pyarrow as pa
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()),  # the input's id column, else a hash of image and question; may repeat
-    ("input_row", pa.int64()),  # the input row's position (0-based, in read order): what resume tracks
+    ("input_row", pa.int64()),  # the row's number in the input, kept across runs: what resume tracks
+    ("source_file", pa.string()),  # the file it came from, relative to the input
+    ("source_row", pa.int64()),  # its row within that file (0-based)
     ("question", pa.string()),  # as given; the default prompt where the input had none
     ("answer", pa.string()),  # null on error
     ("error", pa.string()),  # null on success
@@ -27,7 +29,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("flops_total_unpruned", pa.int64()),
     ("paper_prefill_flops", pa.int64()),  # the paper's convention: LLM prefill only, F(n) per layer
     ("paper_prefill_flops_unpruned", pa.int64()),
-    ("seconds", pa.float64()),  # the row's share of its batch's time in the model actor
+    ("seconds", pa.float64()),  # its batch's time in the model actor, shared evenly among the batch's rows
     ("preprocess_seconds", pa.float64()),  # the row's share of its batch's CPU time in preprocessing
 ])
 OUTPUT_COLUMNS = OUTPUT_SCHEMA.names

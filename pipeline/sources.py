@@ -1,18 +1,24 @@
-"""Input datasets as Ray Datasets: Parquet (file, directory or glob, on any pyarrow
-filesystem), a `datasets.save_to_disk` directory, a Hugging Face dataset name, or a folder
-of image or video files."""
+"""Inputs as lists of files and the Ray Datasets that read them: Parquet (a file, a folder or
+a glob, on any pyarrow filesystem), a folder of image or video files, a `datasets.save_to_disk`
+folder, or a Hugging Face Hub dataset.
+
+A source is listed before it is read, so that the job can read its files in an order that
+keeps rows answered by an earlier run where they were (`pipeline.inputs`).
+"""
 from __future__ import annotations
 
 import fnmatch
-import glob
 import logging
+import os
 import posixpath
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow.fs as pafs
 import ray.data
 
-from .common import filesystem, first_line
+from .common import filesystem, first_line, glob_root
 
 
 class SourceError(ValueError):
@@ -21,52 +27,98 @@ class SourceError(ValueError):
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg")
 FEW_FILES = 16  # up to this many Parquet files, the driver reads their footers itself
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `org/name`
+
+
+@dataclass
+class InputFile:
+    """One file of the input. `rows` and `fingerprint` are known up front only for an
+    in-memory dataset; for files they are read when the job first meets the file."""
+
+    name: str  # relative to the input's root: what the output's `source_file` says
+    path: str  # what the reader opens, on the source's filesystem
+    size: int
+    mtime_ns: int | None = None
+    rows: int | None = None
+    fingerprint: str | None = None
 
 
 @dataclass
 class Source:
-    dataset: ray.data.Dataset
+    kind: str  # "parquet", "media" (a file a row) or "dataset" (one in-memory Hugging Face dataset)
+    files: list[InputFile]  # in listing order
+    fs: pafs.FileSystem | None
     base_dir: str | None  # where relative image / video paths start
     image_column: str  # the column that holds images unless the user names another
     video_column: str | None = None  # a folder of video files: the column of their bytes
+    dataset: Any = field(default=None, repr=False)  # kind "dataset": the ray Dataset
+
+    def read(self, paths: list[str]) -> ray.data.Dataset:
+        """A dataset of `paths` (a subset of the files' paths) read in the order given."""
+        if self.kind == "parquet":
+            return read_parquet(paths, self.fs)
+        if self.kind == "media":
+            return ray.data.read_binary_files(paths, include_paths=True, filesystem=self.fs)
+        return self.dataset
+
+    def column_names(self) -> list[str]:
+        if self.kind == "media":
+            return ["bytes", "path"]
+        if self.kind == "dataset":
+            return self.dataset.schema().names
+        return self.read([self.files[0].path]).schema().names
 
 
 def open_source(uri: str, split: str | None = None) -> Source:
-    """Open `uri` lazily; raises SourceError with a one-line reason."""
+    """List `uri`'s files; raises SourceError with a one-line reason."""
+    kind = input_kind(uri)
+    if kind == "hub":
+        return _from_hub(uri, split)
     fs, path = _filesystem(uri)
-    info = fs.get_file_info(path) if fs is not None else None
-    if info is not None and info.type == pafs.FileType.Directory:
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
         names = {posixpath.basename(f.path) for f in fs.get_file_info(pafs.FileSelector(path))}
         if {"state.json", "dataset_dict.json"} & names:
-            return Source(_from_disk(uri, split), uri, "image")
-        if any(n.endswith(".parquet") for n in names):
-            return Source(read_parquet(uri, sum(n.endswith(".parquet") for n in names)), uri, "image")
-        files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                 if f.type == pafs.FileType.File and not f.base_name.startswith(".")]
+            return _from_disk(uri, split)
+        _no_split(split, uri)
+        files = _listing(fs, path)
+        parquet = [f for f in files if f.name.endswith(".parquet") and not _hidden(f.name, "_")]
+        if parquet:
+            return Source("parquet", parquet, fs, uri, "image")
         if not files:
             raise SourceError(f"input directory {uri} is empty")
-        ds = ray.data.read_binary_files(uri, include_paths=True)
-        videos = sum(f.base_name.lower().endswith(VIDEO_SUFFIXES) for f in files) > len(files) / 2
-        return Source(ds, uri, "bytes", "bytes" if videos else None)
-    if info is not None and info.type == pafs.FileType.File:
-        return Source(read_parquet(uri, 1), posixpath.dirname(uri), "image")
-    if fs is not None and any(c in path for c in "*?["):
-        files = _glob(fs, uri, path)
-        if not files:
+        videos = sum(f.name.lower().endswith(VIDEO_SUFFIXES) for f in files) > len(files) / 2
+        return Source("media", files, fs, uri, "bytes", "bytes" if videos else None)
+    _no_split(split, uri)
+    if info.type == pafs.FileType.File:
+        return Source("parquet", [_file(info, posixpath.basename(path))], fs, posixpath.dirname(uri), "image")
+    if any(c in path for c in "*?["):
+        root = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
+        found = [f for f in _listing(fs, root) if fnmatch.fnmatch(f.path, path)]
+        if not found:
             raise SourceError(f"no files match {uri}")
-        return Source(read_parquet(files, len(files)), posixpath.dirname(files[0]), "image")
-    if "://" in uri or uri.startswith((".", "/")) or uri.endswith(".parquet"):
-        raise SourceError(f"input not found: {uri}")
-    return Source(_from_hub(uri, split), None, "image")
+        base = glob_root(uri)
+        return Source("parquet", found, fs, posixpath.dirname(posixpath.join(base, found[0].name)), "image")
+    raise SourceError(f"input not found: {uri}")
 
 
-def read_parquet(paths: str | list[str], files: int) -> ray.data.Dataset:
-    """Ray Data's Parquet reader for `files` files. Ray's newer reader starts two actors to
-    read file footers: worth it for thousands of files, but on a laptop their start-up (~1
-    CPU-second each) competes with the model actor's, which bounds the run's start. For a
-    few files the older reader reads the footers itself (one small sampling task)."""
-    if files > FEW_FILES:
-        return ray.data.read_parquet(paths)
+def input_kind(uri: str) -> str:
+    """"hub" for a Hugging Face dataset name (`name` or `org/name`) that is not a local path,
+    else "path" (a local path or a URI, which need not exist yet)."""
+    if "://" in uri or uri.startswith(("/", ".", "~")) or os.path.exists(uri) or uri.endswith(".parquet"):
+        return "path"
+    if any(c in uri for c in "*?[") or not HUB_NAME.fullmatch(uri):
+        return "path"
+    return "hub"
+
+
+def read_parquet(paths: list[str], fs: pafs.FileSystem | None = None) -> ray.data.Dataset:
+    """Ray Data's Parquet reader. Ray's newer reader starts two actors to read file footers:
+    worth it for thousands of files, but on a laptop their start-up (~1 CPU-second each)
+    competes with the model actor's, which bounds the run's start. For a few files the older
+    reader reads the footers itself (one small sampling task)."""
+    if len(paths) > FEW_FILES:
+        return ray.data.read_parquet(paths, filesystem=fs)
     ctx = ray.data.DataContext.get_current()
     before = ctx.use_datasource_v2, ctx.enable_progress_bars
     # Its sampling progress bar and log lines would print before the job's one-line errors.
@@ -75,7 +127,7 @@ def read_parquet(paths: str | list[str], files: int) -> ray.data.Dataset:
     level = log.level
     log.setLevel(max(level, logging.WARNING))
     try:
-        ds = ray.data.read_parquet(paths)
+        ds = ray.data.read_parquet(paths, filesystem=fs)
     finally:
         ctx.use_datasource_v2, ctx.enable_progress_bars = before
         log.setLevel(level)
@@ -83,43 +135,104 @@ def read_parquet(paths: str | list[str], files: int) -> ray.data.Dataset:
     return ds
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
-    if "://" in uri or "/" in uri or uri.endswith(".parquet") or posixpath.exists(uri):
-        try:
-            return filesystem(uri)
-        except Exception as e:
-            raise SourceError(f"cannot open {uri}: {first_line(e)}") from None
-    return None, uri  # a bare name: a Hugging Face dataset
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return filesystem(uri)
+    except Exception as e:
+        raise SourceError(f"cannot open {uri}: {first_line(e)}") from None
 
 
-def _glob(fs: pafs.FileSystem, uri: str, path: str) -> list[str]:
-    if isinstance(fs, pafs.LocalFileSystem):
-        return sorted(glob.glob(path))
-    prefix = uri[: len(uri) - len(path)] if uri.endswith(path) else uri.split("://")[0] + "://"
-    root = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
-    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(prefix + f.path for f in found if fnmatch.fnmatch(f.path, path))
+def _file(info: pafs.FileInfo, name: str) -> InputFile:
+    return InputFile(name, info.path, info.size, info.mtime_ns)
 
 
-def _from_disk(path: str, split: str | None) -> ray.data.Dataset:
+def _hidden(name: str, marks: str = ".") -> bool:
+    return any(part.startswith(tuple(marks)) for part in name.split("/"))
+
+
+def _listing(fs: pafs.FileSystem, root: str) -> list[InputFile]:
+    """Every file below `root` but hidden ones, by name (their path relative to `root`)."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (OSError, FileNotFoundError):
+        return []
+    files = [_file(i, posixpath.relpath(i.path, root)) for i in infos if i.type == pafs.FileType.File]
+    return sorted((f for f in files if not _hidden(f.name)), key=lambda f: f.name)
+
+
+def _no_split(split: str | None, uri: str) -> None:
+    if split is not None:
+        raise SourceError(f"--split applies to a Hugging Face dataset or a datasets.save_to_disk folder, "
+                          f"not to {uri}")
+
+
+def _dataset_source(ds: Any, name: str) -> Source:
+    """One in-memory Hugging Face dataset, as one input file named `name`."""
+    rows = ray.data.from_huggingface(ds)
+    file = InputFile(name, name, 0, None, len(ds), ds._fingerprint)
+    return Source("dataset", [file], None, None, "image", dataset=rows)
+
+
+def _pick(splits: list[str], split: str | None, where: str) -> str:
+    if split is None and len(splits) == 1:
+        return splits[0]
+    if split is None:
+        raise SourceError(f"{where} holds splits {', '.join(splits)}: choose one with --split")
+    if split not in splits:
+        raise SourceError(f"--split {split!r}: {where} has no such split; its splits: {', '.join(splits)}")
+    return split
+
+
+def _from_disk(path: str, split: str | None) -> Source:
     import datasets
 
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
-        if split is None and len(ds) == 1:
-            split = next(iter(ds))
-        if split not in ds:
-            raise SourceError(f"{path} holds splits {sorted(ds)}: choose one with --split")
-        ds = ds[split]
-    return ray.data.from_huggingface(ds)
+        split = _pick(sorted(ds), split, path)
+        return _dataset_source(ds[split], split)
+    _no_split(split, f"{path} (a dataset without splits)")
+    return _dataset_source(ds, "dataset")
 
 
-def _from_hub(name: str, split: str | None) -> ray.data.Dataset:
+def _from_hub(name: str, split: str | None) -> Source:
+    """A Hub dataset. Offline (`HF_HUB_OFFLINE=1`), its Parquet files from the local Hub
+    cache, each an input file; online, through `datasets.load_dataset`."""
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        try:
+            root = snapshot_download(name, repo_type="dataset", local_files_only=True)
+        except Exception:
+            raise SourceError(f"input {name!r} is neither a local path nor a Hugging Face dataset in the "
+                              f"local cache (HF_HUB_OFFLINE is set)") from None
+        return _from_snapshot(name, root, split)
     import datasets
 
     try:
         ds = datasets.load_dataset(name, split=split or "train")
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise SourceError(f"--split {split or 'train'!r}: {first_line(e)}") from None
+        raise SourceError(f"input {name!r}: {first_line(e)}") from None
     except Exception as e:
-        raise SourceError(f"input {name!r} is neither a path nor a loadable Hugging Face dataset: "
+        raise SourceError(f"input {name!r} is neither a local path nor a loadable Hugging Face dataset: "
                           f"{first_line(e)}") from None
-    return ray.data.from_huggingface(ds)
+    return _dataset_source(ds, f"{name}:{split or 'train'}")
+
+
+def _from_snapshot(name: str, root: str, split: str | None) -> Source:
+    """A cached Hub snapshot: its Parquet files of one split, as the Hub's own conventions
+    (`datasets.data_files`) assign files to splits."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        by_split = DataFilesDict.from_patterns(get_data_patterns(root), base_path=root)
+    except Exception as e:
+        raise SourceError(f"input {name!r}: no data files found in its cached snapshot ({first_line(e)})") from None
+    split = _pick(sorted(by_split), split, f"{name!r}")
+    paths = sorted(p for p in by_split[split] if p.endswith(".parquet"))
+    if not paths:
+        raise SourceError(f"input {name!r}: split {split!r} has no Parquet files in the local cache")
+    fs = pafs.LocalFileSystem()
+    files = [_file(fs.get_file_info(p), posixpath.relpath(p, root)) for p in paths]
+    return Source("parquet", files, fs, root, "image")

@@ -25,7 +25,7 @@ from pruner.models import Prepared
 from .config import DEFAULT_QUESTION, JobConfig
 from .images import BadImage, decode, image_bytes
 from .common import first_line
-from .numbering import set_column
+from .numbering import StopFlag, set_column
 from .schema import ERROR, NOTE, OUTPUT_COLUMNS, PREP_SECONDS, PREPARED, output_table
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES, decode_video, video_bytes
 
@@ -150,7 +150,8 @@ class Answerer:
     """A model actor: loads one PrunedVLM, answers batches of prepared rows, or, given
     `prepare` (a `Preparer`'s arguments), of input rows that it preprocesses itself."""
 
-    def __init__(self, cfg: JobConfig, threads: int | None = None, prepare: dict | None = None):
+    def __init__(self, cfg: JobConfig, threads: int | None = None, prepare: dict | None = None,
+                 stop: StopFlag | None = None):
         if threads is not None:  # Ray pins OMP_NUM_THREADS to the actor's reserved CPUs
             torch.set_num_threads(threads)
         self.vlm = PrunedVLM.from_pretrained(cfg.model, method=cfg.method, keep=cfg.keep, rate=cfg.rate,
@@ -159,9 +160,13 @@ class Answerer:
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
         self.prunes = self.vlm.method.stage != "none"
         self.prepare = None if prepare is None else Preparer(**prepare, preprocessor=self.vlm.preprocessor)
+        self.context = self.vlm.adapter.text_config.max_position_embeddings  # tokens the LLM was trained on
+        self.stop = stop
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
+        if self.stop is not None and self.stop.is_set():  # interrupted: these rows run again on resume
+            batch = batch.slice(0, 0)
         if self.prepare is not None:
             batch, given = self.prepare.samples(batch)
         else:
@@ -172,8 +177,9 @@ class Answerer:
         seconds = (time.perf_counter() - start) / max(batch.num_rows, 1)
         rows = [self._row(results.get(i, errors[i]), seconds) for i in range(batch.num_rows)]
         columns = {name: [r.get(name) for r in rows] for name in OUTPUT_COLUMNS}
-        for name in ("id", "input_row", "question"):
-            columns[name] = batch.column(name).to_pylist()
+        for name in ("id", "input_row", "source_file", "source_row", "question"):
+            if name in batch.column_names:  # the numbering stage adds the row's origin
+                columns[name] = batch.column(name).to_pylist()
         columns["note"] = [n if r.get("error") is None else None
                            for n, r in zip(batch.column(NOTE).to_pylist(), rows)]
         columns["preprocess_seconds"] = batch.column(PREP_SECONDS).to_pylist()
@@ -209,7 +215,19 @@ class Answerer:
                     out[i] = self.vlm.preprocessor(x, questions[i]) if isinstance(x, np.ndarray) else x
                 except Exception as e:
                     errors[i] = f"preprocessing failed: {type(e).__name__}: {first_line(e)}"
+                    continue
+                errors[i] = self._too_long(len(out[i].input_ids), isinstance(x, np.ndarray))
+                if errors[i] is not None:
+                    del out[i]
         return out
+
+    def _too_long(self, tokens: int, video: bool) -> str | None:
+        """Why a prompt cannot be answered: past its context a model answers garbage, or runs
+        out of memory on a GPU, so such a row never reaches it."""
+        if tokens <= self.context:
+            return None
+        hint = "; fewer --num-frames would shorten it" if video else ""
+        return f"prompt of {tokens:,} tokens exceeds the model's context of {self.context:,}{hint}"
 
     def _generate(self, samples: dict[int, Prepared]) -> dict[int, Generation | str]:
         """Generations by row; a row whose generation failed maps to its error message.

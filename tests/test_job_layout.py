@@ -10,7 +10,7 @@ import ray
 from tiny import good_rows, png, write_parquet
 from pipeline.config import JobConfig
 from pipeline.job import columns, pipeline, run
-from pipeline.output import Done
+from pipeline.inputs import plan_inputs
 from pipeline.sources import open_source
 
 pytestmark = pytest.mark.timeout(300)
@@ -26,7 +26,7 @@ def ray_with_a_gpu():
 
 def operators(cfg: JobConfig) -> str:
     source = open_source(cfg.input)
-    return repr(pipeline(cfg, source, columns(cfg, source), Done(np.zeros(0, bool), 0, 0)))
+    return repr(pipeline(cfg, source, plan_inputs(source, None), columns(cfg, source), "not-read"))
 
 
 def test_gpu_and_cpu_layouts_give_the_same_rows(ray_with_a_gpu, model_dir, tmp_path):

@@ -21,7 +21,7 @@ import tiny
 from tiny import good_rows, png, table_of, write_parquet
 from pipeline.config import JobConfig, JobError
 from pipeline.job import actor_threads, columns, cpu_actor_env, pipeline, read_rows, run
-from pipeline.output import Done
+from pipeline.inputs import plan_inputs
 from pipeline.sources import open_source
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.stages import Answerer, Columns, Preparer, length_batches
@@ -176,7 +176,7 @@ def test_rows_are_numbered_in_read_order_even_when_the_current_context_does_not_
         write_parquet(good_rows(3, start=3 * i), parts / f"part-{i}.parquet")
     cfg = job(model_dir, input=str(parts), output=str(tmp_path / "out"), id_column="key")
     source = open_source(cfg.input)
-    plan = pipeline(cfg, source, columns(cfg, source), Done(np.zeros(0, bool), 0, 0))
+    plan = pipeline(cfg, source, plan_inputs(source, None), columns(cfg, source), "not-read")
     assert plan.context.execution_options.preserve_order
     assert not ctx.execution_options.preserve_order
     # and the numbering actor gets one block at a time: Ray Data lets an actor run queued tasks
@@ -207,16 +207,16 @@ def test_a_few_parquet_files_are_read_without_footer_reading_actors(local_ray, t
     seen = []
     real = ray.data.read_parquet
 
-    def spy(paths):
+    def spy(paths, **kw):
         seen.append((ctx.use_datasource_v2, ctx.enable_progress_bars))
-        return real(paths)
+        return real(paths, **kw)
 
     monkeypatch.setattr(sources.ray.data, "read_parquet", spy)
     paths = []
     for i in range(files):
         write_parquet(good_rows(1, start=i), tmp_path / f"part-{i}.parquet")
         paths.append(str(tmp_path / f"part-{i}.parquet"))
-    ds = sources.read_parquet(paths, files)
+    ds = sources.read_parquet(paths)
     assert seen == [(v2, bars)]
     assert (ctx.use_datasource_v2, ctx.enable_progress_bars) == (users_choice, True)
     assert ds.context.enable_progress_bars and ds.count() == files
@@ -230,7 +230,7 @@ def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
     first = run(job(model_dir, input=str(data), output=str(out), id_column="key", limit=8, max_image_pixels=1_000_000))
     assert (first["rows"], first["processed"], first["skipped"]) == (8, 8, 0)
     job_id = json.loads((out / "_job.json").read_text())["job_id"]
-    half = out / f"labels-{job_id}-r0001-killed-000001.parquet"
+    half = out / f"labels-{job_id}-r0001-0dead0-000001.parquet"
     half.write_bytes(b"PAR1 truncated")  # what a kill can leave
     second = run(job(model_dir, input=str(data), output=str(out), id_column="key", max_image_pixels=1_000_000))
     # the first run's 2 error rows are retried, its 6 good rows skipped
