@@ -1,12 +1,14 @@
 """Answer a question about every image of a dataset, pruning visual tokens, into Parquet.
 
     python jobs/caption.py                         # bundled demo data and model, VLM-Pruner keep 64
-    ray job submit --working-dir . -- python jobs/caption.py --input s3://bucket/data/ --output s3://bucket/out/
+    RAY_AUTH_MODE=token ray job submit --address http://localhost:8265 --working-dir . -- \
+        python jobs/caption.py --input s3://bucket/data/ --output s3://bucket/out/   # a cluster (README)
 
 --output belongs to one configuration: a rerun with the same one resumes (rows already
-written are skipped, rows that ended in error are retried); a rerun with another exits 2
-naming what differs, unless --overwrite. Files in --output that the job did not write are
-never read, moved or deleted.
+written are skipped, rows that ended in error are retried, files added to the input are
+answered); a rerun with another exits 2 naming what differs, unless --overwrite. Files in
+--output that the job did not write are never read, moved or deleted. Ctrl-C writes the rows
+in flight and exits 130; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
