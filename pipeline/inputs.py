@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from . import webdataset
 from .common import JobError, first_line
 from .sources import InputFile, Source
 
@@ -78,7 +79,7 @@ def plan_inputs(source: Source, known: list[dict] | None) -> InputPlan:
     by_name = {r["file"]: r for r in known}
     present = {f.name: f for f in source.files}
     stale = [f for f in source.files if not _unchanged(f, by_name.get(f.name))]
-    for f in _measure(source.fs, stale, source.kind == "parquet"):
+    for f in _measure(source.fs, stale, source.kind):
         present[f.name] = f
         r = by_name.get(f.name)
         if r is not None and r["fingerprint"] != f.fingerprint:
@@ -112,8 +113,9 @@ def _unchanged(f: InputFile, r: dict | None) -> bool:
     return r is not None and r["size"] == f.size and f.mtime_ns is not None and r.get("mtime_ns") == f.mtime_ns
 
 
-def _measure(fs: pafs.FileSystem | None, files: list[InputFile], parquet: bool) -> list[InputFile]:
-    """Each file with its fingerprint and row count (a Parquet footer's, else one row)."""
+def _measure(fs: pafs.FileSystem | None, files: list[InputFile], kind: str) -> list[InputFile]:
+    """Each file with its fingerprint and row count: a Parquet footer's, a shard's samples
+    (from its headers), else one row."""
     if fs is None or not files:
         return files
 
@@ -125,7 +127,13 @@ def _measure(fs: pafs.FileSystem | None, files: list[InputFile], parquet: bool) 
                 tail = max(EDGE, f.size - EDGE)
                 if f.size > tail:
                     h.update(stream.read_at(f.size - tail, tail))
-                rows = pq.ParquetFile(stream).metadata.num_rows if parquet else 1
+                if kind == "parquet":
+                    rows = pq.ParquetFile(stream).metadata.num_rows
+                elif kind == "webdataset":
+                    stream.seek(0)
+                    rows = sum(1 for _ in webdataset.samples(stream, f.size, read_data=False))
+                else:
+                    rows = 1
         except (OSError, pa.ArrowException) as e:
             raise JobError(f"input file {f.name} cannot be read: {first_line(e)}") from None
         return replace(f, rows=rows, fingerprint=h.hexdigest()[:32])

@@ -54,7 +54,7 @@ def columns(cfg: JobConfig, source: Source) -> Columns:
         need("--image-column", image)
     question = need("--question-column", cfg.question_column) if cfg.question_column else (
         "question" if "question" in names else None)
-    id_col = need("--id-column", cfg.id_column) if cfg.id_column else ("id" if "id" in names else None)
+    id_col = need("--id-column", cfg.id_column) if cfg.id_column else ("id" if "id" in names else source.id_column)
     return Columns(image=image, video=video, question=question, id=id_col, default_question=cfg.question)
 
 
@@ -193,7 +193,8 @@ def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     group = cfg.batch_size * cfg.group_batches  # rows an actor call regroups by prompt length
     prep = {"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir, "max_pixels": cfg.max_image_pixels,
-            "num_frames": cfg.num_frames, "max_video_seconds": cfg.max_video_seconds}
+            "num_frames": cfg.num_frames, "max_video_seconds": cfg.max_video_seconds,
+            "fetch_timeout": cfg.fetch_timeout, "fetch_retries": cfg.fetch_retries}
     if gpus > 0:
         # The GPU waits on CPU work: a pool of preprocessing workers that grows to the CPUs
         # the model actors leave (one kept for reading, numbering and writing).

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray.data
 
+from . import webdataset
 from .common import filesystem, first_line, glob_root
 
 
@@ -45,13 +46,15 @@ class InputFile:
 
 @dataclass
 class Source:
-    kind: str  # "parquet", "media" (a file a row) or "dataset" (one in-memory Hugging Face dataset)
+    kind: str  # "parquet", "media" (a file a row), "webdataset" (tar shards) or "dataset" (in memory)
     files: list[InputFile]  # in listing order
     fs: pafs.FileSystem | None
     base_dir: str | None  # where relative image / video paths start
     image_column: str  # the column that holds images unless the user names another
     video_column: str | None = None  # a folder of video files: the column of their bytes
+    id_column: str | None = None  # the column that identifies a row unless the user names another
     dataset: Any = field(default=None, repr=False)  # kind "dataset": the ray Dataset
+    json_fields: list[str] = field(default_factory=list)  # kind "webdataset": the JSON member's fields
 
     def read(self, paths: list[str]) -> ray.data.Dataset:
         """A dataset of `paths` (a subset of the files' paths) read in the order given."""
@@ -59,11 +62,15 @@ class Source:
             return read_parquet(paths, self.fs)
         if self.kind == "media":
             return ray.data.read_binary_files(paths, include_paths=True, filesystem=self.fs)
+        if self.kind == "webdataset":
+            return ray.data.read_datasource(webdataset.ShardDatasource(paths, self.json_fields, filesystem=self.fs))
         return self.dataset
 
     def column_names(self) -> list[str]:
         if self.kind == "media":
             return ["bytes", "path"]
+        if self.kind == "webdataset":
+            return webdataset.schema(self.json_fields).names
         if self.kind == "dataset":
             return self.dataset.schema().names
         return self.read([self.files[0].path]).schema().names
@@ -74,6 +81,9 @@ def open_source(uri: str, split: str | None = None) -> Source:
     kind = input_kind(uri)
     if kind == "hub":
         return _from_hub(uri, split)
+    if "{" in uri:
+        _no_split(split, uri)
+        return _from_braces(uri)
     fs, path = _filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
@@ -87,6 +97,8 @@ def open_source(uri: str, split: str | None = None) -> Source:
             return Source("parquet", parquet, fs, uri, "image")
         if not files:
             raise SourceError(f"input directory {uri} is empty")
+        if sum(f.name.endswith(".tar") for f in files) > len(files) / 2:
+            return _shards(fs, [f for f in files if f.name.endswith(".tar")], uri)
         videos = sum(f.name.lower().endswith(VIDEO_SUFFIXES) for f in files) > len(files) / 2
         return Source("media", files, fs, uri, "bytes", "bytes" if videos else None)
     _no_split(split, uri)
@@ -97,9 +109,51 @@ def open_source(uri: str, split: str | None = None) -> Source:
         found = [f for f in _listing(fs, root) if fnmatch.fnmatch(f.path, path)]
         if not found:
             raise SourceError(f"no files match {uri}")
+        if all(f.name.endswith(".tar") for f in found):
+            return _shards(fs, found, glob_root(uri))
         base = glob_root(uri)
         return Source("parquet", found, fs, posixpath.dirname(posixpath.join(base, found[0].name)), "image")
     raise SourceError(f"input not found: {uri}")
+
+
+def _shards(fs: pafs.FileSystem, files: list[InputFile], root: str) -> Source:
+    """WebDataset shards; their first sample tells the JSON fields and whether rows hold videos."""
+    first = webdataset.first_sample(fs, files[0].path, files[0].size)
+    video = not any(first.get(e) for e in webdataset.IMAGE_EXTS) and any(first.get(e) for e in webdataset.VIDEO_EXTS)
+    return Source("webdataset", files, fs, root, "image", "video" if video else None, id_column="key",
+                  json_fields=webdataset.fields(first))
+
+
+def _from_braces(uri: str) -> Source:
+    """`shards/{00000..00099}.tar` (or `{a,b}`): the expanded names, in order; each must exist."""
+    root_uri = posixpath.dirname(uri.split("{")[0])
+    fs, root = _filesystem(root_uri or ".")
+    files = []
+    for expanded in expand_braces(uri):
+        name = expanded[len(root_uri) + 1:] if root_uri else expanded
+        info = fs.get_file_info(posixpath.join(root, name))
+        if info.type != pafs.FileType.File:
+            raise SourceError(f"input not found: {expanded} (from {uri})")
+        files.append(_file(info, name))
+    if all(f.name.endswith(".tar") for f in files):
+        return _shards(fs, files, root_uri)
+    return Source("parquet", files, fs, root_uri, "image")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion, in order: `{a,b}` and zero-padded ranges `{00..10}`."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        width = len(r.group(1)) if r.group(1).startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(lo, hi + 1)]
+    else:
+        options = body.split(",")
+    return [x for o in options for x in expand_braces(pattern[: m.start()] + o + pattern[m.end():])]
 
 
 def input_kind(uri: str) -> str:
@@ -107,7 +161,7 @@ def input_kind(uri: str) -> str:
     else "path" (a local path or a URI, which need not exist yet)."""
     if "://" in uri or uri.startswith(("/", ".", "~")) or os.path.exists(uri) or uri.endswith(".parquet"):
         return "path"
-    if any(c in uri for c in "*?[") or not HUB_NAME.fullmatch(uri):
+    if any(c in uri for c in "*?[{") or not HUB_NAME.fullmatch(uri):
         return "path"
     return "hub"
 

@@ -27,6 +27,8 @@ from .images import BadImage, decode, image_bytes
 from .common import first_line
 from .numbering import StopFlag, set_column
 from .schema import ERROR, NOTE, OUTPUT_COLUMNS, PREP_SECONDS, PREPARED, output_table
+from .urls import (DEFAULT_FETCH_RETRIES, DEFAULT_FETCH_TIMEOUT, MAX_IMAGE_BYTES, MAX_VIDEO_BYTES, Body,
+                   FetchError, Fetcher)
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES, decode_video, video_bytes
 
 
@@ -79,9 +81,9 @@ Sample = Prepared | np.ndarray  # a prepared image row, or a video's uint8 frame
 
 
 class Preparer:
-    """CPU preprocessing: ids and questions, then decode images and run the processor, or
-    decode and sample a video's frames. Adds `_prepared`, `_error` and `_note`, drops the
-    image or video.
+    """CPU preprocessing: ids and questions, then fetch a batch's URLs (concurrently), decode
+    images and run the processor, or decode and sample a video's frames. Adds `_prepared`,
+    `_error` and `_note`, drops the image or video.
 
     A callable class, so that Ray Data starts these workers with the pipeline and the
     processor loads (torch and transformers import, ~5 s) while the first rows are read, not
@@ -91,10 +93,12 @@ class Preparer:
 
     def __init__(self, cols: Columns, model_path: str, base_dir: str | None, max_pixels: int,
                  num_frames: int = DEFAULT_NUM_FRAMES, max_video_seconds: float = DEFAULT_MAX_SECONDS,
+                 fetch_timeout: float = DEFAULT_FETCH_TIMEOUT, fetch_retries: int = DEFAULT_FETCH_RETRIES,
                  preprocessor: Preprocessor | None = None):
         self.preprocessor = preprocessor or Preprocessor.from_pretrained(model_path)
         self.cols, self.base_dir, self.max_pixels = cols, base_dir, max_pixels
         self.num_frames, self.max_video_seconds = num_frames, max_video_seconds
+        self.fetcher = Fetcher(fetch_timeout, fetch_retries, MAX_VIDEO_BYTES if cols.video else MAX_IMAGE_BYTES)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch, samples = self.samples(batch)
@@ -107,8 +111,10 @@ class Preparer:
         start = time.process_time()
         cols = self.cols
         batch = assign_ids(batch, cols)
-        rows = [self._one(cell, q) for cell, q in zip(batch.column(cols.media).to_pylist(),
-                                                      batch.column("question").to_pylist())]
+        read = batch.column(ERROR).to_pylist() if ERROR in batch.column_names else [None] * batch.num_rows
+        cells = self.fetcher.fetch_all(batch.column(cols.media).to_pylist())  # URLs: their bodies, or why not
+        rows = [(None, None, why) if why else self._one(cell, q)  # a reader's error (a damaged shard) stands
+                for cell, q, why in zip(cells, batch.column("question").to_pylist(), read)]
         samples, notes, errors = (list(x) for x in zip(*rows)) if rows else ([], [], [])
         batch = batch.drop_columns([cols.media])
         batch = set_column(batch, NOTE, pa.array(notes, pa.string()))
@@ -117,18 +123,23 @@ class Preparer:
         return set_column(batch, ERROR, pa.array(errors, pa.string())), samples
 
     def _one(self, cell: Any, question: str) -> tuple[Sample | None, str | None, str | None]:
-        """(sample, note, error) of one row; never raises."""
+        """(sample, note, error) of one row; never raises. A URL's cell is its fetched `Body`,
+        or the `FetchError` that says why there is none."""
+        if isinstance(cell, FetchError):
+            return None, None, first_line(cell)
+        body = cell if isinstance(cell, Body) else None
+        where = f" ({body.source})" if body else ""  # the URL cell is not in the output
         try:
             if self.cols.video is not None:
-                clip = decode_video(video_bytes(cell, self.base_dir), self.num_frames, self.max_pixels,
-                                    self.max_video_seconds)
+                data = body.data if body else video_bytes(cell, self.base_dir)
+                clip = decode_video(data, self.num_frames, self.max_pixels, self.max_video_seconds)
                 return clip.frames, clip.note, None
-            image = decode(image_bytes(cell, self.base_dir), self.max_pixels)
+            image = decode(body.data if body else image_bytes(cell, self.base_dir), self.max_pixels)
             return self.preprocessor(image, question), None, None
         except (BadImage, ValueError) as e:
-            return None, None, first_line(e)
+            return None, None, first_line(e) + where
         except Exception as e:  # never fail the batch for one row
-            return None, None, f"preprocessing failed: {type(e).__name__}: {first_line(e)}"
+            return None, None, f"preprocessing failed: {type(e).__name__}: {first_line(e)}{where}"
 
 
 def serialize(x: Sample) -> bytes:
