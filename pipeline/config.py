@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +25,7 @@ from .common import JobError, first_line
 from .demo import EVAL_PARQUET, MODEL_DIR
 from .images import DEFAULT_MAX_PIXELS
 from .sources import input_kind
+from .urls import DEFAULT_FETCH_RETRIES, DEFAULT_FETCH_TIMEOUT
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES
 
 DEFAULT_QUESTION = "Describe the image briefly."
@@ -67,6 +69,8 @@ class JobConfig:
     rows_per_file: int = 512
     overwrite: bool = False  # start over when the output folder holds another configuration
     retry_errors: bool = True  # rerun rows that ended in error
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT  # seconds per attempt at an http(s) image or video
+    fetch_retries: int = DEFAULT_FETCH_RETRIES  # attempts after the first, for what a retry may cure
 
     def __post_init__(self) -> None:
         """Resolve defaults and check every field; raises JobError with a one-line reason."""
@@ -95,6 +99,9 @@ class JobConfig:
         for name in ("batch_size", "group_batches", "max_new_tokens", "concurrency", "max_image_pixels",
                      "rows_per_file", "num_frames"):
             _at_least(name, getattr(self, name), 1)
+        _at_least("fetch_retries", self.fetch_retries, 0)
+        if not 0 < self.fetch_timeout < math.inf:  # infinite: a server that never answers holds a worker
+            raise JobError(f"--fetch-timeout must be a number of seconds > 0, got {self.fetch_timeout}")
         for name in ("threads_per_actor", "limit"):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
@@ -228,6 +235,11 @@ def _flags() -> list[tuple[str, dict]]:
                                 "of image and question (ids may repeat: rows are tracked by position)")),
         ("max_image_pixels", dict(type=int, help=f"larger images (or video frames) become error rows "
                                                  f"(default: {default['max_image_pixels']:,})")),
+        ("fetch_timeout", dict(type=float, help=f"seconds per attempt at an http(s) URL in the image or video "
+                                                f"column (default: {default['fetch_timeout']:g})")),
+        ("fetch_retries", dict(type=int, help=f"attempts after the first at a URL that timed out, dropped the "
+                                              f"connection or answered 408, 429 or 5xx "
+                                              f"(default: {default['fetch_retries']})")),
         ("batch_size", dict(type=int, help=f"default: {default['batch_size']}")),
         ("group_batches", dict(type=int, help=f"model batches an actor takes at once and regroups by prompt "
                                               f"length, so that a batch pads little and finishes decoding "

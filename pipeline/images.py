@@ -1,8 +1,10 @@
 """Image cells to RGB PIL images, with a clear one-line reason when that is impossible.
 
-A cell may hold raw bytes, a `datasets` Image struct ({"bytes", "path"}), or a path
-(relative to the dataset, absolute, or a URI such as s3://). Images are size-checked from
-their header before any pixel is decoded, so a decompression bomb costs nothing.
+A cell may hold raw bytes, a `datasets` Image struct ({"bytes", "path"}), a path (relative
+to the dataset, absolute, or a URI such as s3://), or an http(s) URL, fetched by
+`pipeline.urls` (the job's CPU stage fetches a batch's URLs concurrently before this). Images
+are size-checked from their header before any pixel is decoded, so a decompression bomb
+costs nothing.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .common import filesystem, first_line
+from .urls import fetch, is_url
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -43,6 +46,8 @@ def image_bytes(cell: Any, base_dir: str | None = None) -> bytes:
 
 
 def _read_path(path: str, base_dir: str | None) -> bytes:
+    if is_url(path):
+        return fetch(path).data  # raises urls.FetchError, a ValueError, with the status or reason
     if "://" not in path and not posixpath.isabs(path) and base_dir:
         path = posixpath.join(base_dir, path)
     try:
