@@ -33,6 +33,7 @@ from .config import ANSWER_FIELDS, JobConfig, JobError, model_fingerprint
 from .sources import Source, SourceError, open_source
 from .inputs import InputPlan, plan_inputs
 from .numbering import Numberer, RunFiles, StopFlag
+from .progress import report_progress
 from .stages import Answerer, Columns, Preparer
 
 MANIFEST_VERSION = 1
@@ -138,7 +139,8 @@ def run(cfg: JobConfig) -> dict:
         prefix = out_.file_prefix(manifest["job_id"], manifest["runs"])
         start = time.perf_counter()
         ds = pipeline(cfg, source, plan, cols, files.dir)
-        with stop_on_interrupt(files):
+        to_do = min(int(plan.rows.sum()), cfg.limit or 1 << 62) - done.in_scope(scope)
+        with stop_on_interrupt(files), report_progress(ds, total=to_do):
             ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file,
                              filename_provider=out_.FileNames(prefix))
         wall = time.perf_counter() - start
@@ -203,7 +205,8 @@ def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run
         spare = int(cpus) - cfg.concurrency - 1
         ds = ds.map_batches(Preparer, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=int(spare >= 1),
                             compute=ActorPoolStrategy(min_size=1, max_size=max(1, spare)), fn_constructor_kwargs=prep)
-        return ds.map_batches(Answerer, batch_size=group, batch_format="pyarrow", num_gpus=gpus, num_cpus=1,
+        return ds.map_batches(Answerer, batch_size=group, batch_format="pyarrow", num_gpus=gpus,
+                              num_cpus=model_actor_cpus(cpus, cfg.concurrency),
                               compute=ActorPoolStrategy(size=cfg.concurrency),
                               fn_constructor_kwargs={"cfg": cfg, "stop": stop})
     # On CPUs the model's cores are the preprocessing cores, so each model actor preprocesses
@@ -212,7 +215,7 @@ def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run
     threads = actor_threads(cfg, cpus)
     return ds.map_batches(
         Answerer, batch_size=group, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
-        num_cpus=min(1.0, cpus / 2), runtime_env={"env_vars": cpu_actor_env(threads)},
+        num_cpus=model_actor_cpus(cpus, cfg.concurrency), runtime_env={"env_vars": cpu_actor_env(threads)},
         fn_constructor_kwargs={"cfg": cfg, "threads": threads, "prepare": prep, "stop": stop})
 
 
@@ -227,6 +230,18 @@ KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**4
 def cpu_actor_env(threads: int) -> dict[str, str]:
     """Environment of a CPU model actor's process: its torch threads and malloc's reuse."""
     return {"OMP_NUM_THREADS": str(threads), **KEEP_FREED_MEMORY}
+
+
+def model_actor_cpus(cpus: float, concurrency: int) -> float:
+    """CPUs each model actor reserves. Ray Data's tasks (read, repartition, write) take whole
+    CPUs, and Ray Data warns that the job "will hang" when it sees no CPU free, which it did
+    at the end of a run while the model actor and the last write task still held all of a
+    2-core node. Together the actors reserve half a CPU less than a whole number, so tasks
+    can never fill the node, and tasks get at least one CPU (with whole-CPU actors,
+    --concurrency 2 on 2 cores left the read task none). The reservation only places actors:
+    a CPU model actor's threads are set by actor_threads."""
+    whole = min(concurrency, max(int(cpus) - 1, 1))
+    return (whole - 0.5) / concurrency
 
 
 def actor_threads(cfg: JobConfig, cpus: float) -> int:

@@ -19,8 +19,7 @@ PLAN, DONE = "plan.arrow", "done.npy"
 class RunFiles:
     """A folder of the driver's, for this run only, with what the numbering actor reads: the
     plan and the rows already done. The actor runs on the driver's node, so local files reach
-    it; an object in Ray's store would be an argument that a restarted actor could not get
-    back, which Ray reports at error level."""
+    it without a copy in Ray's object store for the job's whole length."""
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="vlm-pruner-run-")

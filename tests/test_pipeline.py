@@ -249,6 +249,20 @@ def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
     assert summary["rows"] == len(rows) and summary["image_tokens_kept_mean"] == 8.0
 
 
+@pytest.mark.parametrize("cpus", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("concurrency", [1, 2, 3])
+def test_model_actors_never_leave_whole_cpu_tasks_without_a_cpu_nor_fill_the_node(cpus, concurrency):
+    """Ray Data warned "will hang" when it saw no CPU free (actor and last write task held a
+    2-core node); with whole-CPU actors, --concurrency 2 on 2 cores left the read task none."""
+    import math
+
+    from pipeline.job import model_actor_cpus
+
+    reserved = model_actor_cpus(cpus, concurrency) * concurrency
+    assert reserved % 1 == pytest.approx(0.5) and cpus - math.ceil(reserved) >= 1
+    assert math.ceil(reserved) == min(concurrency, cpus - 1)  # tasks get as many CPUs as before
+
+
 def test_cpu_actors_use_the_nodes_cores(model_dir):
     """Ray pins an actor's OMP_NUM_THREADS to its reserved CPUs (1); the model must not run on
     one thread of a multi-core node (it made the job 0.47x a plain loop on 2 cores)."""
