@@ -30,7 +30,7 @@ from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES
 
 DEFAULT_QUESTION = "Describe the image briefly."
 
-ANSWER_FIELDS = ("input", "split", "model", "method", "keep", "rate", "prune_layer", "method_params",
+ANSWER_FIELDS = ("input", "split", "revision", "model", "method", "keep", "rate", "prune_layer", "method_params",
                  "max_new_tokens", "temperature", "top_p", "seed", "question", "image_column", "video_column",
                  "question_column", "id_column", "max_image_pixels", "num_frames", "max_video_seconds")
 
@@ -51,6 +51,7 @@ class JobConfig:
     seed: int | None = None
     question: str = DEFAULT_QUESTION  # for rows without one
     split: str | None = None
+    revision: str | None = None  # of a Hub dataset: a branch, tag or commit
     image_column: str | None = None
     video_column: str | None = None  # a video a row instead of an image
     question_column: str | None = None
@@ -213,6 +214,7 @@ def _flags() -> list[tuple[str, dict]]:
                             "directory, a Hugging Face dataset name, or a folder of images "
                             "(default: demo eval split)")),
         ("split", dict(help="split of a Hugging Face dataset or DatasetDict")),
+        ("revision", dict(help="branch, tag or commit of a Hugging Face Hub dataset (default: main)")),
         ("output", dict(help=f"output directory (default: {default['output']})")),
         ("model", dict(help="checkpoint path or name (default: the bundled demo model)")),
         ("method", dict(choices=list(METHODS), help=f"default: {default['method']}")),

@@ -123,7 +123,7 @@ def run(cfg: JobConfig) -> dict:
     if not ray.is_initialized():
         ray.init(logging_level="ERROR", log_to_driver=False)
     try:
-        source = open_source(cfg.input, cfg.split)
+        source = open_source(cfg.input, cfg.split, cfg.revision)
     except SourceError as e:
         raise JobError(str(e)) from None
     cols = columns(cfg, source)

@@ -12,6 +12,8 @@ import logging
 import os
 import posixpath
 import re
+import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,11 +78,13 @@ class Source:
         return self.read([self.files[0].path]).schema().names
 
 
-def open_source(uri: str, split: str | None = None) -> Source:
+def open_source(uri: str, split: str | None = None, revision: str | None = None) -> Source:
     """List `uri`'s files; raises SourceError with a one-line reason."""
     kind = input_kind(uri)
     if kind == "hub":
-        return _from_hub(uri, split)
+        return _from_hub(uri, split, revision)
+    if revision is not None:
+        raise SourceError(f"--revision applies to a Hugging Face Hub dataset, not to {uri}")
     if "{" in uri:
         _no_split(split, uri)
         return _from_braces(uri)
@@ -228,6 +232,7 @@ def _dataset_source(ds: Any, name: str) -> Source:
 
 
 def _pick(splits: list[str], split: str | None, where: str) -> str:
+    splits = sorted(splits)
     if split is None and len(splits) == 1:
         return splits[0]
     if split is None:
@@ -248,22 +253,97 @@ def _from_disk(path: str, split: str | None) -> Source:
     return _dataset_source(ds, "dataset")
 
 
-def _from_hub(name: str, split: str | None) -> Source:
-    """A Hub dataset. Offline (`HF_HUB_OFFLINE=1`), its Parquet files from the local Hub
-    cache, each an input file; online, through `datasets.load_dataset`."""
-    from huggingface_hub import constants, snapshot_download
+PARQUET_BRANCH = "refs/convert/parquet"  # the Hub's Parquet conversion of every dataset it can read
 
-    if constants.HF_HUB_OFFLINE:
-        try:
-            root = snapshot_download(name, repo_type="dataset", local_files_only=True)
-        except Exception:
-            raise SourceError(f"input {name!r} is neither a local path nor a Hugging Face dataset in the "
-                              f"local cache (HF_HUB_OFFLINE is set)") from None
-        return _from_snapshot(name, root, split)
+
+def _from_hub(name: str, split: str | None, revision: str | None = None, hub: Any = None) -> Source:
+    """A Hub dataset as its Parquet files, which the workers read; the driver only lists them
+    (and reads their footers for row counts). The files are the repository's own, else the
+    Hub's conversion branch; offline (`HF_HUB_OFFLINE=1`), those of its snapshot in the local
+    cache. `hub`: an fsspec filesystem laid out as `HfFileSystem` (tests pass a local one)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and hub is None:
+        return _from_snapshot(name, split, revision)
+    if hub is None:
+        from huggingface_hub import HfFileSystem
+
+        hub = HfFileSystem()
+    try:
+        source = _hub_parquet(name, split, revision, hub)
+    except FileNotFoundError:
+        raise SourceError(f"input {name!r} is neither a local path nor a dataset on the Hugging Face Hub (a "
+                          f"gated or private one needs HF_TOKEN)") from None
+    except (OSError, ConnectionError) as e:
+        raise SourceError(f"input {name!r}: cannot reach the Hugging Face Hub: {first_line(e)}") from None
+    if source is not None:
+        return source
+    print(f"input {name!r} has no Parquet files on the Hub: loading it with datasets, which downloads it on "
+          f"the driver first", file=sys.stderr)
+    return _load_dataset(name, split, revision)
+
+
+def _hub_parquet(name: str, split: str | None, revision: str | None, hub: Any) -> Source | None:
+    for rev in [revision or "main"] + ([] if revision else [PARQUET_BRANCH]):
+        root = f"datasets/{name}@{urllib.parse.quote(rev, safe='')}"
+        if rev != PARQUET_BRANCH and not hub.exists(root):
+            raise FileNotFoundError(root)
+        found = {posixpath.relpath(p, root): info for p, info in hub.find(root, detail=True).items()
+                 if info["type"] == "file" and p.endswith(".parquet")}
+        if rev == PARQUET_BRANCH:  # `<config>/<split>/NNNN.parquet`: the default (or first) config
+            configs = sorted({n.split("/")[0] for n in found})
+            config = "default" if "default" in configs else (configs or [""])[0]
+            found = {n: i for n, i in found.items() if n.startswith(config + "/")}
+        if not found:
+            continue
+        split = _pick(list(_splits(sorted(found))), split, repr(name))
+        files = [InputFile(n, f"{root}/{n}", found[n]["size"], None, None,
+                           (found[n].get("lfs") or {}).get("sha256") or found[n].get("blob_id"))
+                 for n in _splits(sorted(found))[split]]
+        return Source("parquet", files, pafs.PyFileSystem(pafs.FSSpecHandler(hub)), None, "image")
+    return None
+
+
+def _splits(names: list[str]) -> dict[str, list[str]]:
+    """Files by split, as the Hub assigns them (`datasets`' own default patterns)."""
+    from datasets.data_files import _get_data_files_patterns
+
+    def matching(pattern: str) -> list[str]:
+        rx = re.compile(_glob_regex(pattern))
+        return [n for n in names if rx.fullmatch(n)]
+
+    try:
+        patterns = _get_data_files_patterns(matching)
+    except FileNotFoundError:
+        return {"train": names}  # no split in any name: one split, as the Hub shows it
+    return {str(s): sorted({n for p in ps for n in matching(p)}) for s, ps in patterns.items()}
+
+
+def _glob_regex(pattern: str) -> str:
+    """fsspec's glob as a regex: `*` within a name, `**` across folders (`**/` may be none)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            j = pattern.index("]", i)
+            out, i = out + pattern[i : j + 1], j + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return out
+
+
+def _load_dataset(name: str, split: str | None, revision: str | None) -> Source:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split or "train")
+        ds = datasets.load_dataset(name, split=split or "train", revision=revision)
     except ValueError as e:
         if "split" in str(e).lower():
             raise SourceError(f"--split {split or 'train'!r}: {first_line(e)}") from None
@@ -274,19 +354,20 @@ def _from_hub(name: str, split: str | None) -> Source:
     return _dataset_source(ds, f"{name}:{split or 'train'}")
 
 
-def _from_snapshot(name: str, root: str, split: str | None) -> Source:
-    """A cached Hub snapshot: its Parquet files of one split, as the Hub's own conventions
-    (`datasets.data_files`) assign files to splits."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
+def _from_snapshot(name: str, split: str | None, revision: str | None) -> Source:
+    """The dataset's snapshot in the local Hub cache: its Parquet files of one split."""
+    from huggingface_hub import snapshot_download
 
     try:
-        by_split = DataFilesDict.from_patterns(get_data_patterns(root), base_path=root)
-    except Exception as e:
-        raise SourceError(f"input {name!r}: no data files found in its cached snapshot ({first_line(e)})") from None
-    split = _pick(sorted(by_split), split, f"{name!r}")
-    paths = sorted(p for p in by_split[split] if p.endswith(".parquet"))
-    if not paths:
-        raise SourceError(f"input {name!r}: split {split!r} has no Parquet files in the local cache")
+        root = snapshot_download(name, repo_type="dataset", revision=revision, local_files_only=True)
+    except Exception:
+        raise SourceError(f"input {name!r} is neither a local path nor a Hugging Face dataset in the "
+                          f"local cache (HF_HUB_OFFLINE is set)") from None
     fs = pafs.LocalFileSystem()
-    files = [_file(fs.get_file_info(p), posixpath.relpath(p, root)) for p in paths]
+    names = [f.name for f in _listing(fs, root) if f.name.endswith(".parquet")]
+    if not names:
+        raise SourceError(f"input {name!r} has no Parquet files in the local cache")
+    by_split = _splits(names)
+    split = _pick(list(by_split), split, repr(name))
+    files = [_file(fs.get_file_info(posixpath.join(root, n)), n) for n in by_split[split]]
     return Source("parquet", files, fs, root, "image")

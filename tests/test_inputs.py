@@ -208,6 +208,8 @@ def test_split_is_refused_where_it_does_not_apply_and_named_where_it_is_wrong(tm
         open_source(str(data), "train")
     with pytest.raises(SourceError, match="--split applies to a Hugging Face dataset"):
         open_source(str(tmp_path), "train")
+    with pytest.raises(SourceError, match="--revision applies to a Hugging Face Hub dataset"):
+        open_source(str(data), None, "v1.0")
     dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"question": ["q"]}) for s in ("train", "test")})
     dd.save_to_disk(str(tmp_path / "hf"))
     with pytest.raises(SourceError, match=r"--split 'nosuch': .* has no such split; its splits: test, train"):
@@ -289,3 +291,38 @@ def test_the_resume_benchmark_counts_every_row_it_wrote_or_fails(tmp_path):
     assert (got["rows"], got["files"], got["done_set_bytes"]) == (1000, 4, 1000)
     with pytest.raises(RuntimeError, match="wrote 1,001 rows but found 1,000 done"):
         measure(str(tmp_path), job_id, rows=1001)
+
+
+def test_a_hub_dataset_is_listed_on_the_driver_and_read_as_its_parquet_files(local_ray, tmp_path):
+    """A stand-in for HfFileSystem: a local folder laid out as the Hub's paths are."""
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.sources import _from_hub
+
+    root = tmp_path / "hub"
+    own = root / "datasets" / "org" / "data@main" / "data"
+    own.mkdir(parents=True)
+    write_parquet(good_rows(2), own / "train-00000-of-00002.parquet")
+    write_parquet(good_rows(3, start=2), own / "train-00001-of-00002.parquet")
+    write_parquet(good_rows(1, start=9), own / "test-00000-of-00001.parquet")
+    (own.parent / "README.md").write_text("card")
+    (root / "datasets" / "org" / "csv@main").mkdir(parents=True)
+    (root / "datasets" / "org" / "csv@main" / "data.csv").write_text("question\nq\n")
+    converted = root / "datasets" / "org" / "csv@refs%2Fconvert%2Fparquet" / "default" / "train"
+    converted.mkdir(parents=True)
+    write_parquet(good_rows(4), converted / "0000.parquet")
+    hub = DirFileSystem(path=str(root), fs=LocalFileSystem())
+
+    source = _from_hub("org/data", "train", None, hub)
+    assert [f.name for f in source.files] == ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    plan = plan_inputs(source, None)  # footers only: the driver reads no rows
+    assert [r["rows"] for r in plan.record] == [2, 3]
+    ds = source.read([f.path for f in plan.files])
+    ds.context.execution_options.preserve_order = True
+    assert [r["key"] for r in ds.take_all()] == ["r0", "r1", "r2", "r3", "r4"]
+    assert [f.name for f in _from_hub("org/csv", None, None, hub).files] == ["default/train/0000.parquet"]
+    with pytest.raises(SourceError, match="--split 'dev': 'org/data' has no such split; its splits: test, train"):
+        _from_hub("org/data", "dev", None, hub)
+    with pytest.raises(SourceError, match="neither a local path nor a dataset on the Hugging Face Hub"):
+        _from_hub("org/none", None, None, hub)
