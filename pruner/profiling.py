@@ -136,14 +136,39 @@ def _cpu_bytes_in_use() -> int:
     return psutil.Process().memory_info().rss
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes a second a device-to-device copy moves, reads and writes counted (median of
+    `repeats` copies of `nbytes`): the memory bandwidth a decode step can hope for."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes a decode step reads: the LLM's decoder layers, final norm and LM head
+    (the embedding table is read a row a sample, so it does not count)."""
+    lm = model.model.language_model
+    modules = [lm.layers, lm.norm, model.lm_head]
+    return sum(p.nbytes for m in modules for p in m.parameters())
+
+
 def kv_bytes(cache) -> int:
-    """Bytes of keys and values the cache holds for the tokens seen so far (layer i: its
-    first lengths[i] positions; the room preallocated for decoding is not counted). The
-    formula is `pruner.flops.LLMShape.kv_bytes`."""
+    """Bytes of keys and values the cache holds for the batch's prompts (layer i: its first
+    lengths[i] positions of the batch's rows; the room preallocated for decoding, and rows
+    that pad the batch to a bucket, are not counted). The formula is
+    `pruner.flops.LLMShape.kv_bytes`."""
     total = 0
     for keys, values, n in zip(cache.keys, cache.values, cache.lengths):
         if keys is not None:
-            total += keys[:, :, :n].nbytes + values[:, :, :n].nbytes
+            total += keys[: cache.batch, :, :n].nbytes + values[: cache.batch, :, :n].nbytes
     return total
 
 

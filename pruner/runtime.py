@@ -79,28 +79,51 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 # ---------------------------------------------------------------------- cache
 
 
-class KVCache:
-    """Keys and values per layer, preallocated for `room` decode steps after the prompt.
-    Layers may hold different lengths; each knows its own. Implements the `update` call
-    that transformers' attention modules make."""
+def bucket(n: int) -> int:
+    """n rounded up to one of 16 sizes per power of two (at least 16 apart): a job's prompts
+    fall into a few capacities, each at most 1/16 larger than needed."""
+    step = max(16, 1 << max(n.bit_length() - 5, 0))
+    return -(-n // step) * step
 
-    def __init__(self, num_layers: int, room: int):
-        self.keys: list[Tensor | None] = [None] * num_layers  # [B, kv_heads, capacity, hd]
+
+def batch_bucket(b: int) -> int:
+    """Rows a batch of b runs as when shapes are bucketed: the next power of two."""
+    return 1 << (b - 1).bit_length()
+
+
+class KVCache:
+    """Keys and values per layer, allocated once per batch at a layer's first write (its
+    prompt): `rows` x (prompt width + `room` decode steps, rounded by `capacity`). The layers
+    of one segment share a prompt width, so they share a capacity. Implements the `update`
+    call of transformers' attention modules: in prefill it writes the prompt at columns
+    [0, L) and returns them; in a decode step (`pruner_cache_position` [1] given) it writes the new
+    token's key and value at that column and returns the whole buffer, which the step
+    attends to under its segment's mask. Nothing grows: a step has the same shapes every time."""
+
+    def __init__(self, num_layers: int, room: int, rows: int, capacity: Callable[[int], int] = lambda n: n,
+                 alloc: Callable[[int, tuple, Tensor], Tensor] | None = None):
+        self.keys: list[Tensor | None] = [None] * num_layers  # [R, kv_heads, capacity, hd]
         self.values: list[Tensor | None] = [None] * num_layers
-        self.lengths = [0] * num_layers
-        self.room = room
+        self.lengths = [0] * num_layers  # prompt width per layer
+        self.room, self.rows, self.capacity = room, rows, capacity
+        self.alloc = alloc or (lambda i, shape, like: like.new_zeros(shape))
+        self.batch = 0  # real rows (the rest, up to `rows`, pad the batch to its bucket)
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, kwargs: dict | None = None) -> tuple[Tensor, Tensor]:
-        i, n = layer_idx, key.shape[2]
-        if self.keys[i] is None:
-            b, h, _, d = key.shape
-            self.keys[i] = key.new_empty(b, h, n + self.room, d)
-            self.values[i] = value.new_empty(b, value.shape[1], n + self.room, value.shape[3])
-        start, end = self.lengths[i], self.lengths[i] + n
-        self.keys[i][:, :, start:end] = key
-        self.values[i][:, :, start:end] = value
-        self.lengths[i] = end
-        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+        i = layer_idx
+        column = (kwargs or {}).get("pruner_cache_position")
+        if column is not None:  # decode: one token, at a position given as a tensor
+            self.keys[i].index_copy_(2, column, key)
+            self.values[i].index_copy_(2, column, value)
+            return self.keys[i], self.values[i]
+        b, h, n, d = key.shape
+        capacity = self.capacity(n + self.room)
+        self.keys[i] = self.alloc(2 * i, (self.rows, h, capacity, d), key)
+        self.values[i] = self.alloc(2 * i + 1, (self.rows, value.shape[1], capacity, value.shape[3]), value)
+        self.keys[i][:b, :, :n] = key
+        self.values[i][:b, :, :n] = value
+        self.lengths[i], self.batch = n, b
+        return key, value
 
 
 # ---------------------------------------------------------------------- batch
@@ -231,24 +254,26 @@ def apply(batch_pad: Tensor, hidden: Tensor, image_positions: list[Tensor],
 
 @dataclass
 class Segment:
-    """Consecutive layers that share one cache length and padding mask."""
+    """Consecutive layers that share one prompt (the full one below K, the kept one from K
+    on) and so one cache capacity and one decode mask."""
 
     layers: range
-    pad: Tensor  # [B, S] bool
+    pad: Tensor  # [B, L] bool, the prompt's real tokens
+    prompt: Tensor | None = None  # [R, C] bool: pad over the cache's R rows and C columns, for decode
+    width: Tensor | None = None  # [1] long: L, the column decode step 0 writes
 
 
 @dataclass
 class State:
     cache: KVCache
     segments: list[Segment]
-    next_position: Tensor  # [B] position of the first generated token
+    next_position: Tensor  # [R] position of the first generated token (0 on padding rows)
     num_position_dims: int
     selections: list[Selection]
     image_tokens: list[int]
     prompt_tokens: list[int]
     prompt_tokens_kept: list[int]
     pruned_positions: Tensor | None = None  # [P, B, L'] positions entering layer K
-    steps: int = 0
 
 
 Observer = Callable[..., AbstractContextManager]
@@ -271,11 +296,13 @@ def _observe(observer: Observer | None, segment: str, **info) -> AbstractContext
 
 
 def run_layers(adapter: Adapter, layers: range, h: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor],
-               cache: KVCache, last_row: Callable | None = None) -> Tensor:
+               cache: KVCache, last_row: Callable | None = None, column: Tensor | None = None) -> Tensor:
     """h: [B, L, D] through `layers`; the last one's attention also calls `last_row` (see
-    `_with_last_row`)."""
+    `_with_last_row`); `column` [1]: decoding, each layer's cache writes there."""
     for i in layers:
         extra = {"pruner_last_row": last_row} if last_row is not None and i == layers[-1] else {}
+        if column is not None:
+            extra["pruner_cache_position"] = column
         h = adapter.layers[i](h, attention_mask=mask, position_embeddings=rope, cache=cache, **extra)
     return h
 
@@ -285,11 +312,13 @@ def logits_last(adapter: Adapter, h: Tensor) -> Tensor:
 
 
 def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int,
-            observer: Observer | None = None) -> tuple[Tensor, State]:
-    """Run the prompt through the LLM, pruning as `plan` says. Returns last-token logits
-    [B, V] and the decoding state. `observer` is told of each segment (see `Observer`)."""
+            observer: Observer | None = None, decoder: Decoder | None = None) -> tuple[Tensor, State]:
+    """Run the prompt through the LLM, pruning as `plan` says, into a cache with `room`
+    decode steps after each segment's prompt (shaped and allocated as `decoder` says: by
+    default the batch's exact shapes). Returns last-token logits [B, V] and the decoding
+    state. `observer` is told of each segment (see `Observer`)."""
     num_layers = len(adapter.layers)
-    cache = KVCache(num_layers, room)
+    cache = (decoder or EAGER).cache(num_layers, room, batch.pad.shape[0])
     h, pad, positions = batch.embeds, batch.pad, batch.positions
     prompt_tokens = pad.sum(dim=1).tolist()
     next_position = positions.amax(dim=(0, 2)) + 1  # [B]; padding columns hold small ids
@@ -332,8 +361,13 @@ def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int,
         h = run_layers(adapter, range(start, num_layers), h, causal_mask(pad, h.dtype), adapter.rope(h, positions),
                        cache)
     segments.append(Segment(range(start, num_layers), pad))
+    for seg in segments:  # what decode attends to in each segment's cache
+        capacity = cache.keys[seg.layers[0]].shape[2]
+        seg.prompt = torch.zeros(cache.rows, capacity, dtype=torch.bool, device=pad.device)
+        seg.prompt[: seg.pad.shape[0], : seg.pad.shape[1]] = seg.pad
+        seg.width = torch.tensor([seg.pad.shape[1]], device=pad.device)
     state = State(
-        cache=cache, segments=segments, next_position=next_position,
+        cache=cache, segments=segments, next_position=_rows(next_position, cache.rows),
         num_position_dims=positions.shape[0], selections=selections,
         image_tokens=[len(c) for c in batch.image_positions], prompt_tokens=prompt_tokens,
         prompt_tokens_kept=pad.sum(dim=1).tolist(), pruned_positions=pruned_positions,
@@ -341,10 +375,15 @@ def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int,
     return logits_last(adapter, h), state
 
 
+def _rows(x: Tensor, rows: int) -> Tensor:
+    """x [B, ...] padded with zero rows to [rows, ...]."""
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])]) if rows > x.shape[0] else x
+
+
 def _layer_signals(adapter: Adapter, batch: Batch, h: Tensor, keys: Tensor,
                    last_row: list[Tensor]) -> dict[str, Callable[[int, Tensor], Tensor]]:
     """Lazy per-sample signals after layer K-1; only the ones a method needs are computed.
-    h: [B, L, D] layer K-1 output; keys: [B, kv_heads, >= L, hd] its cache (after rotary)."""
+    h: [B, L, D] layer K-1 output; keys: [>= B, kv_heads, >= L, hd] its cache (after rotary)."""
     text = batch.pad & ~batch.visual  # [B, L]; image and video placeholders are never text
 
     def key_rows(b: int, cols: Tensor) -> Tensor:
@@ -363,18 +402,88 @@ def _layer_signals(adapter: Adapter, batch: Batch, h: Tensor, keys: Tensor,
     }
 
 
-def decode_step(adapter: Adapter, state: State, tokens: Tensor) -> Tensor:
-    """One new token per sample (tokens: [B]) through every layer; returns logits [B, V]."""
-    h = adapter.embed_tokens(tokens[:, None])  # [B, 1, D]
-    b = tokens.shape[0]
-    pos = (state.next_position + state.steps)[None, :, None].expand(state.num_position_dims, b, 1)
+def decode_step(adapter: Adapter, state: State, tokens: Tensor, step: Tensor) -> Tensor:
+    """One new token per row through every layer. tokens: [R], one per cache row; step: []
+    long, the decode steps before this one. Each layer writes the token's key and value at
+    column (its prompt width + step) and attends over its whole capacity under a mask: the
+    prompt's real tokens and the tokens written since. The same shapes every step and no
+    host work, so it compiles, and on CUDA replays as one graph. Returns logits [R, V]."""
+    h = adapter.embed_tokens(tokens[:, None])  # [R, 1, D]
+    pos = (state.next_position + step)[None, :, None].expand(state.num_position_dims, -1, 1)  # [P, R, 1]
     rope = adapter.rope(h, pos)
-    ones = torch.ones(b, 1, dtype=torch.bool, device=tokens.device)
     for seg in state.segments:
-        seg.pad = torch.cat([seg.pad, ones], dim=1)
-        h = run_layers(adapter, seg.layers, h, decode_mask(seg.pad, h.dtype), rope, state.cache)
-    state.steps += 1
+        column = seg.width + step  # [1]
+        cols = torch.arange(seg.prompt.shape[1], device=tokens.device)  # [C]
+        allowed = seg.prompt | (cols >= seg.width) & (cols <= column)  # [R, C]
+        h = run_layers(adapter, seg.layers, h, decode_mask(allowed, h.dtype), rope, state.cache, column=column)
     return logits_last(adapter, h)
+
+
+class Decoder:
+    """How decode steps run. Eager (the default): the batch's exact shapes, fresh cache
+    buffers, `decode_step` as it is. Compiled: `decode_step` through `torch.compile`; on
+    CUDA also captured as CUDA graphs (mode "reduce-overhead"), one a shape, replayed as one
+    launch a step. A graph reads its cache at fixed addresses and is captured per shape, so
+    there the batch is padded to `batch_bucket` rows, capacities are rounded by `bucket`,
+    and cache buffers are kept and reused by every batch of the same shape (`buckets` forces
+    the shaping on or off, e.g. to test it on a CPU)."""
+
+    def __init__(self, compiled: bool = False, device: torch.device | str = "cpu", buckets: bool | None = None):
+        self.compiled = compiled
+        self.graphs = compiled and torch.device(device).type == "cuda"
+        self.buckets = self.graphs if buckets is None else buckets
+        self.buffers: dict[tuple, Tensor] = {}
+        self.compiled_step = None
+        if compiled:  # fullgraph: a graph break would be host work inside the step
+            self.compiled_step = torch.compile(decode_step, fullgraph=True,
+                                               mode="reduce-overhead" if self.graphs else None)
+
+    def cache(self, num_layers: int, room: int, batch: int) -> KVCache:
+        rows = max(batch, 2) if self.compiled else batch  # one row would compile a graph of its own
+        if not self.buckets:
+            return KVCache(num_layers, room, rows)
+        return KVCache(num_layers, room, batch_bucket(rows), bucket, self._buffer if self.graphs else None)
+
+    def _buffer(self, i: int, shape: tuple, like: Tensor) -> Tensor:
+        """Cache buffer i of this shape, kept for the next batch of the same shape; at most
+        4 shapes a buffer are kept (a new one drops the least recently used)."""
+        key = (i, shape, like.dtype, like.device)
+        buf = self.buffers.pop(key, None)
+        if buf is None:
+            mine = [k for k in self.buffers if k[0] == i]
+            for k in mine[: max(0, len(mine) - 3)]:
+                del self.buffers[k]
+            buf = like.new_zeros(shape)
+            torch._dynamo.mark_static_address(buf)
+        self.buffers[key] = buf  # most recently used last
+        return buf
+
+    def ready(self, state: State, tokens: Tensor) -> None:
+        """Before a batch's first step: its rows and capacities are marked dynamic, so that
+        one compilation serves every batch size and prompt length."""
+        if not self.compiled:
+            return
+        for x in [*state.cache.keys, *state.cache.values]:  # [R, kv_heads, C, hd]
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            torch._dynamo.maybe_mark_dynamic(x, 2)
+        for seg in state.segments:  # [R, C]
+            torch._dynamo.maybe_mark_dynamic(seg.prompt, 0)
+            torch._dynamo.maybe_mark_dynamic(seg.prompt, 1)
+        torch._dynamo.maybe_mark_dynamic(state.next_position, 0)
+        torch._dynamo.maybe_mark_dynamic(tokens, 0)
+
+    def __call__(self, adapter: Adapter, state: State, tokens: Tensor, step: Tensor) -> Tensor:
+        if not self.compiled:
+            return decode_step(adapter, state, tokens, step)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+        # dynamic only where `ready` says (a segment's layer range must stay a constant); a
+        # graph per model and segment structure, never silently eager past dynamo's limit of 8
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+            return self.compiled_step(adapter, state, tokens, step)
+
+
+EAGER = Decoder()
 
 
 # ---------------------------------------------------------------------- generation
@@ -395,20 +504,30 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
 def generate_tokens(adapter: Adapter, plan: Plan, batch: Batch, max_new_tokens: list[int], eos: set[int],
                     temperature: float = 0.0, top_p: float = 1.0,
                     generator: torch.Generator | None = None,
-                    observer: Observer | None = None) -> tuple[list[list[int]], State]:
+                    observer: Observer | None = None, decoder: Decoder | None = None,
+                    check_every: int | None = None) -> tuple[list[list[int]], State]:
     """Token ids per sample, up to and including its first EOS, at most its max_new_tokens.
-    `observer` is passed to `prefill`."""
-    limit = torch.tensor(max_new_tokens, device=batch.pad.device)  # [B]
-    logits, state = prefill(adapter, plan, batch, room=max(max_new_tokens), observer=observer)
-    eos_ids = torch.tensor(sorted(eos), device=logits.device)
+    Whether every sample is done is asked every `check_every` steps (default: every step on
+    a CPU, where asking costs nothing; every 8 on CUDA, where it waits for the device); the
+    tokens a sample makes after its EOS are dropped. `observer` is passed to `prefill`."""
+    decoder = decoder or EAGER
+    device = batch.pad.device
+    check_every = check_every or (8 if device.type == "cuda" else 1)
+    b, most = len(max_new_tokens), max(max_new_tokens)
+    limit = torch.tensor(max_new_tokens, device=device)  # [B]
+    logits, state = prefill(adapter, plan, batch, room=max(most - 1, 0), observer=observer, decoder=decoder)
+    eos_ids = torch.tensor(sorted(eos), device=device)
+    steps = torch.arange(most, device=device)  # step n's input is steps[n]: no host-to-device copy a step
+    tokens = torch.zeros(state.cache.rows, dtype=torch.long, device=device)  # [R]; rows past B pad the batch
+    decoder.ready(state, tokens)
     out: list[Tensor] = []
     done = limit <= 0
-    while not bool(done.all()):
-        tokens = sample(logits, temperature, top_p, generator)
-        out.append(torch.where(done, -1, tokens))
-        done = done | torch.isin(tokens, eos_ids) | (limit <= len(out))
-        if bool(done.all()):
+    for n in range(most):
+        tokens[:b] = sample(logits[:b], temperature, top_p, generator)
+        out.append(torch.where(done, -1, tokens[:b]))
+        done = done | torch.isin(tokens[:b], eos_ids) | (limit <= n + 1)
+        if n + 1 == most or (n + 1) % check_every == 0 and bool(done.all()):
             break
-        logits = decode_step(adapter, state, tokens)
+        logits = decoder(adapter, state, tokens, steps[n])
     ids = torch.stack(out, dim=1).tolist() if out else [[] for _ in max_new_tokens]
     return [[t for t in row if t >= 0] for row in ids], state
