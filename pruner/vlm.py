@@ -5,6 +5,7 @@ workers and hand ready tensors to the model workers; `PrunedVLM.generate` compos
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from transformers import AutoConfig, AutoProcessor
 from .flops import Flops, sample_flops
 from .methods import get_method
 from .models import Adapter, Prepared, adapter_class
-from .runtime import ATTENTION, Plan, collate, generate_tokens
+from .runtime import ATTENTION, Decoder, Plan, collate, generate_tokens
 
 DEFAULT_KEEP = 64
 
@@ -72,7 +73,7 @@ class PrunedVLM:
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, method: str = "vlm-pruner",
                  keep: int | None = None, rate: float | None = None, prune_layer: int = 2,
-                 attention: str = "sdpa", **method_params: Any):
+                 attention: str = "sdpa", compile: bool | str = "auto", **method_params: Any):
         self.adapter = adapter_class(model.config.model_type)(model)
         self.model = model
         self.preprocessor = Preprocessor(processor, type(self.adapter))
@@ -93,15 +94,21 @@ class PrunedVLM:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.tokenizer = tokenizer
+        self.compiled = compiles(compile, self.device)
+        self.decoder = Decoder(self.compiled, self.device)
+        self.compile_seconds = 0.0  # spent in `warm_up`
 
     @classmethod
     def from_pretrained(cls, path: str, method: str = "vlm-pruner", keep: int | None = None,
                         rate: float | None = None, prune_layer: int = 2, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, attention: str = "sdpa",
-                        **method_params: Any) -> PrunedVLM:
-        """Load weights (safetensors only, no remote code) and the checkpoint's processor."""
+                        compile: bool | str = "auto", **method_params: Any) -> PrunedVLM:
+        """Load weights (safetensors only, no remote code) and the checkpoint's processor.
+        `compile`: decode steps through `torch.compile` (see `compiles`); call `warm_up`
+        to pay for it before the first batch."""
         get_method(method).check_params(method_params)  # fail before loading weights
         budget(get_method(method).stage, keep, rate)
+        compiles(compile, torch.device("cpu"))
         config = AutoConfig.from_pretrained(path)
         adapter = adapter_class(config.model_type)
         device, dtype = placement(device, dtype)
@@ -109,7 +116,7 @@ class PrunedVLM:
                                                     attn_implementation="sdpa")
         model = model.to(device).eval()
         return cls(model, AutoProcessor.from_pretrained(path), method=method, keep=keep, rate=rate,
-                   prune_layer=prune_layer, attention=attention, **method_params)
+                   prune_layer=prune_layer, attention=attention, compile=compile, **method_params)
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +127,22 @@ class PrunedVLM:
         if self.rate is not None:
             return max(1, round(n * (1 - self.rate)))
         return min(self.keep, n)
+
+    def warm_up(self, batch_size: int, max_new_tokens: int) -> float:
+        """Compile the decode step (on CUDA also capture it) on a batch of `batch_size` gray
+        images decoding `max_new_tokens`, so that a job's first batch pays nothing; returns
+        the seconds it took (also in `compile_seconds`). Eager: nothing to do, 0."""
+        if not self.compiled:
+            return 0.0
+        start = time.perf_counter()
+        gray = Image.new("RGB", (336, 336), (128, 128, 128))
+        samples = self.preprocess([gray] * batch_size, ["Describe the image."] * batch_size)
+        with torch.inference_mode():  # EOS off: every step runs; three of them at least (CUDA graphs record on the second)
+            batch = collate(self.adapter, samples, self.device)
+            generate_tokens(self.adapter, self.plan, batch, [max(max_new_tokens, 4)] * batch_size, set(),
+                            decoder=self.decoder)
+        self.compile_seconds = time.perf_counter() - start
+        return self.compile_seconds
 
     def preprocess(self, images: Sequence[Visual], questions: Sequence[str]) -> list[Prepared]:
         return self.preprocessor.many(images, questions)
@@ -144,7 +167,7 @@ class PrunedVLM:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         batch = collate(self.adapter, list(samples), self.device)
         token_ids, state = generate_tokens(self.adapter, self.plan, batch, limits, self.eos,
-                                           temperature, top_p, generator)
+                                           temperature, top_p, generator, decoder=self.decoder)
         return [
             Generation(
                 text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
@@ -171,6 +194,17 @@ def placement(device: str | torch.device | None = None,
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype
+
+
+def compiles(compile: bool | str, device: torch.device) -> bool:
+    """Whether decode compiles: True / False as given; "auto": on CUDA, where a step
+    replays as one CUDA graph, not on a CPU, where compiling takes longer than it saves on
+    a job of a few thousand rows (docs/compile.md)."""
+    if compile == "auto":
+        return device.type == "cuda"
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile
 
 
 def as_visual(x: Any) -> Image.Image | np.ndarray:

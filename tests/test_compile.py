@@ -1,0 +1,165 @@
+"""Compiled decode against eager decode, on tiny random models in float32 on the CPU.
+
+`torch.compile` on two cores takes 10-40 s a graph, so the graphs are few and shared: one
+compiled `Decoder` serves a whole model (dynamo keeps its code per segment structure, so
+one graph serves unpruned and projector-stage pruning, one every in-LLM method), and the
+same compiled code serves every batch size and prompt length (checked below)."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import tiny
+from pruner import PrunedVLM
+from pruner.methods import METHODS
+from pruner.runtime import Decoder, batch_bucket, bucket, collate, generate_tokens
+
+pytestmark = pytest.mark.timeout(900)
+SIZES = [(90, 70), (60, 100), (120, 56)]
+
+
+@pytest.fixture(autouse=True)
+def loud_recompile_limit():
+    """Past dynamo's recompile limit a compiled function silently runs eager, which would
+    make compiled-against-eager comparisons pass for nothing: fail instead."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny.llava()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """A compiled decoder on the batch's own shapes (as on a CPU), and one that pads the
+    batch to a power of two and rounds capacities (as for CUDA graphs)."""
+    return Decoder(compiled=True), Decoder(compiled=True, buckets=True)
+
+
+def pair(model, proc, method: str, decoder: Decoder, **kw) -> tuple[PrunedVLM, PrunedVLM]:
+    budget = {} if method == "none" else {"keep": 5}
+    eager = PrunedVLM(model, proc, method=method, compile=False, **budget, **kw)
+    fast = PrunedVLM(model, proc, method=method, compile=False, **budget, **kw)
+    fast.decoder = decoder
+    return eager, fast
+
+
+def items(n: int, video_at: int | None = None) -> tuple[list, list[str]]:
+    """n images of mixed sizes (so, for the families that keep the aspect, mixed prompt
+    lengths) and questions of mixed lengths; a 4-frame video at `video_at`."""
+    visuals = [tiny.image(i, SIZES[i % 3]) for i in range(n)]
+    if video_at is not None:
+        visuals[video_at] = tiny.video(video_at, 4)
+    return visuals, [tiny.QUESTIONS[i % 5] for i in range(n)]
+
+
+def assert_same(a, b) -> None:
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.kept_indices for o in a] == [o.kept_indices for o in b]
+    assert any(len(o.token_ids) > 1 for o in a)  # something was decoded
+
+
+# ---------------------------------------------------------------- every method, every bucket
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compiled_equals_eager_for_every_method_and_batch_size(llava, compiled, method):
+    """Greedy tokens of compiled decode equal eager's for batches of 1 (run as 2 rows), 3
+    and 5 (padded to 4 and 8 rows with buckets), on the batch's exact shapes and bucketed."""
+    model, proc = llava
+    for decoder in compiled:
+        eager, fast = pair(model, proc, method, decoder)
+        for n in (1, 3, 5):
+            visuals, questions = items(n)
+            assert_same(eager.generate(visuals, questions, max_new_tokens=7),
+                        fast.generate(visuals, questions, max_new_tokens=7))
+
+
+def test_one_compilation_serves_every_batch_size_and_prompt_length(llava, compiled):
+    model, proc = llava
+    eager, fast = pair(model, proc, "vlm-pruner", compiled[1])
+    fast.generate(*items(2), max_new_tokens=3)  # compiled (or already, by the test above)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # it did compile
+    for n, new in ((3, 9), (6, 20), (7, 2)):  # 4 and 8 rows; capacities from 2 to 20 steps past the prompt
+        visuals, questions = items(n)
+        assert_same(eager.generate(visuals, questions, max_new_tokens=new),
+                    fast.generate(visuals, questions, max_new_tokens=new))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_seeded_sampling_is_the_same_compiled(llava, compiled):
+    model, proc = llava
+    eager, fast = pair(model, proc, "fastv", compiled[0])
+    visuals, questions = items(3)
+    a = eager.generate(visuals, questions, max_new_tokens=6, temperature=1.5, seed=3)
+    b = fast.generate(visuals, questions, max_new_tokens=6, temperature=1.5, seed=3)
+    assert_same(a, b)
+    other = fast.generate(visuals, questions, max_new_tokens=6, temperature=1.5, seed=4)
+    assert [o.token_ids for o in other] != [o.token_ids for o in b]
+
+
+def test_stops_at_eos_and_per_sample_limits_compiled(llava, compiled):
+    """Tokens after a sample's EOS are dropped as in eager decode, whichever step notices."""
+    model, proc = llava
+    eager, fast = pair(model, proc, "dart", compiled[1])
+    visuals, questions = items(3)
+    free = eager.generate(visuals, questions, max_new_tokens=8)
+    eager.eos = fast.eos = {free[1].token_ids[2]}
+    limits = [8, 8, 3]
+    assert_same(eager.generate(visuals, questions, max_new_tokens=limits),
+                fast.generate(visuals, questions, max_new_tokens=limits))
+    stopped = fast.generate(visuals, questions, max_new_tokens=limits)
+    assert stopped[1].token_ids == free[1].token_ids[:3] and len(stopped[2].token_ids) <= 3
+
+
+# ---------------------------------------------------------------- every family, images and video
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(tiny.FAMILIES))
+def test_compiled_equals_eager_for_every_family(name):
+    """Unpruned and VLM-Pruner (the two segment structures), a batch of images of mixed
+    sizes and, for the families that take video, a video among them."""
+    model, proc = tiny.FAMILIES[name]()
+    decoder = Decoder(compiled=True, buckets=True)
+    video_at = 1 if name in tiny.VIDEO_FAMILIES else None
+    for method in ("none", "vlm-pruner"):
+        eager, fast = pair(model, proc, method, decoder)
+        visuals, questions = items(3, video_at)
+        assert_same(eager.generate(visuals, questions, max_new_tokens=6),
+                    fast.generate(visuals, questions, max_new_tokens=6))
+
+
+# ---------------------------------------------------------------- shapes and arguments (no compiling)
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 16, 17, 100, 129, 673, 1000, 1025, 5000)] == \
+        [16, 16, 32, 112, 144, 704, 1024, 1088, 5120]
+    assert all(n <= bucket(n) <= n * 17 / 16 for n in range(256, 5000, 7))
+    assert [batch_bucket(b) for b in (1, 2, 3, 5, 8, 9, 32)] == [1, 2, 4, 8, 8, 16, 32]
+
+
+def test_eos_checked_every_few_steps_drops_the_same_tokens(llava):
+    model, proc = llava
+    vlm = PrunedVLM(model, proc, method="vlm-pruner", keep=5, compile=False)
+    samples = vlm.preprocess(*items(3))
+    batch = collate(vlm.adapter, samples, vlm.device)
+    with torch.inference_mode():
+        free, _ = generate_tokens(vlm.adapter, vlm.plan, batch, [9, 9, 9], set())
+        eos = {free[0][1], free[2][4]}
+        every, _ = generate_tokens(vlm.adapter, vlm.plan, batch, [9, 9, 4], eos, check_every=1)
+        fourth, _ = generate_tokens(vlm.adapter, vlm.plan, batch, [9, 9, 4], eos, check_every=4)
+    assert every == fourth and every[0] == free[0][:2] and len(every[2]) <= 4
+
+
+def test_bad_compile_argument_is_a_clear_error(llava, model_dir):
+    model, proc = llava
+    for bad in ("yes", None, 1):
+        with pytest.raises(ValueError, match="compile must be True, False or 'auto', got"):
+            PrunedVLM(model, proc, compile=bad)
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto', got 'on'"):
+        PrunedVLM.from_pretrained(model_dir, compile="on")
+    assert not PrunedVLM(model, proc).compiled  # "auto" on a CPU
