@@ -4,6 +4,7 @@
     python jobs/benchmark.py runtime [--shape llava-1.5-7b --layers 4 | --model PATH] [--out DIR]
     python jobs/benchmark.py runtime --shape llava-video-7b --layers 4 --frames 32 --random-features \
         --methods vlm-pruner --rates 0.889 --batches 1 --new-tokens 0
+    python jobs/benchmark.py runtime --methods vlm-pruner --keeps 64 --batches 8 --new-tokens 32 --compile on
     python jobs/benchmark.py selection [--n 576 --dim 4096 --keeps 192,128,64 --repeats 7 --batches 1,8,32]
     python jobs/benchmark.py selection --device cuda --backend torch,triton --shape llava-1.5-7b
 
@@ -12,7 +13,11 @@ each method x budget against unpruned at each batch size, in interleaved rounds 
 then `--repeats`; medians, spread = max - min): prefill and end-to-end seconds per sample and
 speedups next to the FLOPs-predicted ones, the selection's share of the pruned prefill, peak
 memory, KV-cache bytes, and VLM-Pruner's selection at chunk 16 vs 1 on the model's real layer
-K-1 signals. Prints Markdown; writes runtime.json + runtime.md under --out (folder or pyarrow
+K-1 signals; decode ms a step. `--compile on` measures every setting twice in the same
+rounds, eager and with the compiled decode step, and reports the compile seconds and, on CUDA,
+each step against its floor (the bytes it reads over the measured copy bandwidth); `auto`:
+on where `PrunedVLM` compiles by default (CUDA). `--new-tokens 128` is the captioning case.
+Prints Markdown; writes runtime.json + runtime.md under --out (folder or pyarrow
 URI). `--shape S --layers L`: random weights at checkpoint S's widths, LLM cut to L layers, no
 download. `--frames T`: random T-frame clips for images. `--random-features`: random tower
 outputs for the tower (SigLIP on 32 frames is too slow on CPU); the timed prefill is unchanged.
@@ -32,6 +37,7 @@ run (LLaVA-1.5-7B's widths, all 32 LLM layers, bf16; not yet run on a GPU):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -45,6 +51,7 @@ from pipeline.benchmarks import bench_pipeline, bench_resume, load_model, scene_
 from pruner import benchmark  # noqa: E402
 from pruner.flops import SHAPES  # noqa: E402
 from pruner.profiling import random_clips  # noqa: E402
+from pruner.vlm import compiles  # noqa: E402
 
 
 def run_runtime(args: argparse.Namespace) -> dict:
@@ -57,9 +64,12 @@ def run_runtime(args: argparse.Namespace) -> dict:
     budgets = [(int(k), None) for k in (args.keeps or ("" if rates else "192,128,64")).split(",") if k]
     budgets += [(None, r) for r in rates]
     images = (lambda n: random_clips(n, args.frames, seed=args.seed)) if args.frames else scene_images
+    settings = [benchmark.Setting("none")] + [benchmark.Setting(m, k, p, r) for m, p in methods for k, r in budgets]
+    device = next(model.parameters()).device
+    if args.new_tokens > 0 and compiles({"on": True, "off": False}.get(args.compile, "auto"), device):
+        settings += [dataclasses.replace(s, compiled=True) for s in settings]  # side by side, same rounds
     report, text = benchmark.run(
-        model, processor, name, images, target_rate=rates[0] if rates else None,
-        settings=[benchmark.Setting("none")] + [benchmark.Setting(m, k, p, r) for m, p in methods for k, r in budgets],
+        model, processor, name, images, target_rate=rates[0] if rates else None, settings=settings,
         batches=[int(b) for b in args.batches.split(",")], prune_layer=args.prune_layer, repeats=args.repeats,
         warmup=args.warmup, new_tokens=args.new_tokens, question_tokens=args.question_tokens,
         chunks=[int(c) for c in args.chunks.split(",") if c], selection_repeats=args.selection_repeats,
@@ -113,7 +123,10 @@ def parser() -> argparse.ArgumentParser:
     rt.add_argument("--prune-layer", type=int, default=2, help="K: in-LLM methods prune after layer K-1")
     rt.add_argument("--repeats", type=int, default=5, help="timed rounds (median and spread)")
     rt.add_argument("--warmup", type=int, default=1, help="untimed rounds first (the first measures memory)")
-    rt.add_argument("--new-tokens", type=int, default=16, help="generated per sample (EOS ignored; 0: prefill only)")
+    rt.add_argument("--new-tokens", type=int, default=16,
+                    help="generated per sample (EOS ignored; 0: prefill only; 128: a caption)")
+    rt.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="on: each setting also with the compiled decode step, side by side; auto: on on CUDA")
     rt.add_argument("--question-tokens", type=int, default=60, help="question length (LLaVA-1.5: ~646-token prompt)")
     rt.add_argument("--chunks", default="16,1", help="VLM-Pruner chunk sizes to compare ('' to skip)")
     rt.add_argument("--selection-repeats", type=int, default=7)

@@ -25,8 +25,9 @@ import torch
 
 from .flops import LLMShape, full_layers, sample_flops
 from .methods import METHODS, Signals
-from .profiling import PeakMemory, PrefillMeter, RandomTower, kv_bytes, sync, time_runs, workload
-from .runtime import collate, prefill
+from .profiling import (PeakMemory, PrefillMeter, RandomTower, copy_bandwidth, decode_weight_bytes, kv_bytes, sync,
+                        time_runs, workload)
+from .runtime import Decoder, State, collate, prefill
 from .vlm import PrunedVLM
 
 # ---------------------------------------------------------------------- selection alone
@@ -183,16 +184,18 @@ def _spread(xs: list[float]) -> float:
 @dataclass(frozen=True)
 class Setting:
     """One row: a method (with parameters) at a budget, `keep` tokens or a pruning `rate`;
-    method "none" is the baseline."""
+    method "none" is the baseline; `compiled`: decode steps through `torch.compile` (the
+    runtime's compiled `Decoder`), measured beside the same setting eager."""
 
     method: str
     keep: int | None = None
     params: tuple = ()
     rate: float | None = None
+    compiled: bool = False
 
     @property
     def label(self) -> str:
-        return self.method + "".join(f" {k}={v}" for k, v in self.params)
+        return self.method + "".join(f" {k}={v}" for k, v in self.params) + (" compiled" if self.compiled else "")
 
 
 def parse_methods(text: str) -> list[tuple[str, tuple]]:
@@ -218,7 +221,9 @@ class Runs:
 
     prefill: list[float] = field(default_factory=list)
     selection: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)  # seconds a decode step
     end_to_end: list[float] = field(default_factory=list)
+    warm_up: float = 0.0  # a compiled setting's `PrunedVLM.warm_up`: compiling, where it came first
     segments: list[list[tuple]] = field(default_factory=list)  # per round: PrefillMeter.segments
     peak_prefill: int = 0
     peak_generate: int = 0
@@ -236,20 +241,29 @@ def measure_batch(model, processor, settings: list[Setting], images: list, *, pr
     first `warmup` (>= 1) rounds are not timed; the first of them measures peak memory and
     the KV cache instead, so that no timed run carries a memory meter. When `capture` is a
     dict, the first VLM-Pruner warm-up stores sample 0's real Signals under "signals".
-    `new_tokens` 0: prefill only (no end-to-end runs)."""
+    `new_tokens` 0: prefill only (no decode or end-to-end runs). Compiled settings share one
+    compiled decoder and are warmed up (`PrunedVLM.warm_up`, timed) before the rounds."""
     vlms = {}
+    device = next(model.parameters()).device
+    compiled = Decoder(compiled=True, device=device)  # one compilation per segment structure
     for s in settings:
         budget = {} if s.method == "none" else {"keep": s.keep} if s.rate is None else {"rate": s.rate}
-        vlm = PrunedVLM(model, processor, method=s.method, prune_layer=prune_layer, **budget, **dict(s.params))
+        vlm = PrunedVLM(model, processor, method=s.method, prune_layer=prune_layer, compile=s.compiled, **budget,
+                        **dict(s.params))
+        if s.compiled:
+            vlm.decoder = compiled
         vlm.eos = {-1}  # never stop early: every sample generates exactly new_tokens
         vlms[s] = vlm
     any_vlm = next(iter(vlms.values()))
-    device = any_vlm.device
     samples = workload(any_vlm, images, question_tokens)
     batch = len(samples)
     with torch.inference_mode():
         collated = collate(any_vlm.adapter, samples, device)
     runs = {s: Runs() for s in settings}
+    for s, vlm in vlms.items():
+        if s.compiled and new_tokens > 0:
+            runs[s].warm_up = vlm.warm_up(batch, new_tokens)
+            log(f"batch {batch} {s.label} {budget_label(s.keep, s.rate)}: warm-up {runs[s].warm_up:.1f} s")
 
     for round_ in range(warmup + repeats):
         timed = round_ >= warmup
@@ -265,7 +279,8 @@ def measure_batch(model, processor, settings: list[Setting], images: list, *, pr
             with torch.inference_mode(), mem:
                 sync(device)
                 start = time.perf_counter()
-                _, state = prefill(vlm.adapter, plan, collated, room=new_tokens, observer=meter)
+                logits, state = prefill(vlm.adapter, plan, collated, room=max(new_tokens - 1, 0), observer=meter,
+                                        decoder=vlm.decoder)
                 sync(device)
                 seconds = time.perf_counter() - start
             if timed:
@@ -279,7 +294,9 @@ def measure_batch(model, processor, settings: list[Setting], images: list, *, pr
                 r.prompt_tokens_kept = state.prompt_tokens_kept[0]
                 r.image_tokens = state.image_tokens[0]
                 r.image_tokens_kept = len(state.selections[0].indices)
-            del state
+            if timed and new_tokens > 1:
+                r.decode.append(decode_seconds(vlm, state, logits, new_tokens - 1))
+            del state, logits
             if new_tokens == 0:
                 log(f"batch {batch} {'round ' + str(round_ - warmup + 1) if timed else 'warm-up'} {s.label} "
                     f"{budget_label(s.keep, s.rate)}: prefill {seconds:.2f} s")
@@ -299,8 +316,27 @@ def measure_batch(model, processor, settings: list[Setting], images: list, *, pr
                 r.peak_generate = mem.peak
             log(f"batch {batch} {'round ' + str(round_ - warmup + 1) if timed else 'warm-up'} {s.label} "
                 f"{budget_label(s.keep, s.rate)}: prefill {r.prefill[-1] if timed else float('nan'):.2f} s, "
+                f"decode {1e3 * r.decode[-1] if timed and r.decode else float('nan'):.1f} ms/step, "
                 f"end-to-end {seconds:.2f} s")
     return runs
+
+
+def decode_seconds(vlm: PrunedVLM, state: State, logits: torch.Tensor, steps: int) -> float:
+    """Seconds a decode step, over `steps` greedy steps from a prefill's state and logits
+    (as `generate_tokens` runs them, without its EOS checks)."""
+    device = logits.device
+    b = logits.shape[0]
+    tokens = torch.zeros(state.cache.rows, dtype=torch.long, device=device)  # [R]
+    positions = torch.arange(steps, device=device)
+    with torch.inference_mode():
+        vlm.decoder.ready(state, tokens)
+        sync(device)
+        start = time.perf_counter()
+        for n in range(steps):
+            tokens[:b] = logits[:b].argmax(dim=-1)
+            logits = vlm.decoder(vlm.adapter, state, tokens, positions[n])
+        sync(device)
+    return (time.perf_counter() - start) / steps
 
 
 def _recording(run: Callable, capture: dict) -> Callable:
@@ -319,17 +355,22 @@ def _stats(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(model, runs_by_batch: dict[int, dict[Setting, Runs]], *, prune_layer: int, new_tokens: int,
-              sample_vision: dict | int) -> list[dict]:
-    """One row per (batch, setting): medians per sample, speedups, FLOPs predictions, memory."""
+              sample_vision: dict | int, bandwidth: float | None = None) -> list[dict]:
+    """One row per (batch, setting): medians per sample, speedups (against unpruned decoded
+    the same way, eager or compiled), FLOPs predictions, memory, decode ms a step and, given
+    the device's copy `bandwidth` (bytes/s), the decode floor: the bytes a step must read
+    (the decoder layers' and LM head's weights, the batch's KV cache) over it."""
     text = model.config.text_config
     llm = LLMShape.of(text)
     itemsize = next(model.parameters()).element_size()
+    weights = decode_weight_bytes(model)
     rows = []
     for batch, runs in runs_by_batch.items():
-        base = runs[Setting("none")]
-        base_prefill, _ = _stats(base.prefill)
-        base_e2e, _ = _stats(base.end_to_end)
         for s, r in runs.items():
+            base = runs[Setting("none", compiled=s.compiled)]
+            base_prefill, _ = _stats(base.prefill)
+            base_e2e, _ = _stats(base.end_to_end)
+            eager = runs.get(dataclasses.replace(s, compiled=False))
             stage = METHODS[s.method].stage
             n, kept = r.prompt_tokens, r.prompt_tokens_kept
             full = full_layers(stage, prune_layer, llm.layers, pruned=kept < n)
@@ -347,8 +388,10 @@ def summarize(model, runs_by_batch: dict[int, dict[Setting, Runs]], *, prune_lay
             rates = _layer_rates(llm, r.segments, n)
             formula = llm.kv_bytes(full, n, kept, itemsize)
             formula_none = llm.kv_bytes(llm.layers, n, n, itemsize)
+            decode, decode_spread = _stats(r.decode)
+            floor = (weights + batch * r.kv_bytes) / bandwidth if bandwidth else None
             rows.append({
-                "method": s.label, "keep": s.keep, "rate": s.rate, "batch": batch,
+                "method": s.label, "keep": s.keep, "rate": s.rate, "batch": batch, "compiled": s.compiled,
                 "prompt_tokens": n, "prompt_tokens_kept": kept, "image_tokens": r.image_tokens,
                 "image_tokens_kept": r.image_tokens_kept,
                 "prefill_s": prefill / batch, "prefill_spread_s": prefill_spread / batch,
@@ -363,7 +406,14 @@ def summarize(model, runs_by_batch: dict[int, dict[Setting, Runs]], *, prune_lay
                 "peak_prefill_bytes": r.peak_prefill, "peak_generate_bytes": r.peak_generate,
                 "kv_bytes": r.kv_bytes, "kv_bytes_formula": formula,
                 "kv_ratio": r.kv_bytes / base.kv_bytes, "kv_ratio_formula": formula / formula_none,
-                "prefill_runs_s": r.prefill, "selection_runs_s": r.selection, "e2e_runs_s": r.end_to_end,
+                "decode_ms": decode * 1e3, "decode_spread_ms": decode_spread * 1e3,
+                "decode_floor_ms": None if floor is None else floor * 1e3,
+                "decode_vs_floor": None if floor is None else decode / floor,
+                "decode_speedup_compiled": _stats(eager.decode)[0] / decode if s.compiled and eager else None,
+                "e2e_speedup_compiled": _stats(eager.end_to_end)[0] / e2e if s.compiled and eager else None,
+                "warm_up_s": r.warm_up,
+                "prefill_runs_s": r.prefill, "selection_runs_s": r.selection, "decode_runs_s": r.decode,
+                "e2e_runs_s": r.end_to_end,
             })
     return rows
 
@@ -412,7 +462,7 @@ def run(model, processor, name: str, images: Callable[[int], list], *, settings:
     Returns (report, markdown)."""
     started = time.perf_counter() if started is None else started
     device = next(model.parameters()).device
-    probe = PrunedVLM(model, processor)
+    probe = PrunedVLM(model, processor, compile=False)
     sample = workload(probe, images(1), question_tokens)[0]
     tower = not isinstance(getattr(model.model, "vision_tower", None), RandomTower)
     meta = {
@@ -425,6 +475,8 @@ def run(model, processor, name: str, images: Callable[[int], list], *, settings:
         "vision_tower": tower,
         "new_tokens": new_tokens, "prune_layer": prune_layer, "repeats": repeats,
         "warmup": warmup, "weights_bytes": sum(p.nbytes for p in model.parameters()),
+        "decode_weights_bytes": decode_weight_bytes(model),
+        "bandwidth": copy_bandwidth(device) if device.type == "cuda" else None,  # bytes/s, for the decode floor
         "memory": PeakMemory.method(device), "command": " ".join(sys.argv),
     }
     keeps = list(dict.fromkeys(s.keep for s in settings if s.keep is not None))
@@ -442,7 +494,7 @@ def run(model, processor, name: str, images: Callable[[int], list], *, settings:
             chunk_rows = chunk_comparison(capture["signals"], list(dict.fromkeys(budgets)), chunks,
                                           selection_repeats)
         rows = summarize(model, runs_by_batch, prune_layer=prune_layer, new_tokens=new_tokens,
-                         sample_vision=sample.vision if tower else 0)
+                         sample_vision=sample.vision if tower else 0, bandwidth=meta["bandwidth"])
         goals = targets(rows, target_keep, rate=target_rate)
         meta["seconds"] = time.perf_counter() - started
         text = markdown(meta, rows, chunk_rows, goals)
@@ -494,6 +546,37 @@ def _budget_cell(r: dict) -> str:
     if r["rate"] is not None:
         return f"{r['image_tokens_kept']} (rate {r['rate']:g})"
     return str(r["keep"] or "-")
+
+
+def decode_markdown(meta: dict, rows: list[dict]) -> str:
+    """The decode table: ms a step, eager and compiled, against the floor where measured."""
+    gbps = f"{meta['bandwidth'] / 1e9:.0f} GB/s" if meta.get("bandwidth") else None
+    floor = (f" Floor = the bytes a step must read (decoder layers, norm and LM head: "
+             f"{meta['decode_weights_bytes'] / 2**30:.2f} GiB; the batch's KV cache) over the measured copy "
+             f"bandwidth ({gbps})." if gbps else " No floor: the copy bandwidth is measured on CUDA only.")
+    lines = [
+        f"Decode, ms a step (a batch of {meta['new_tokens'] - 1} greedy steps after prefill, median ± half spread). "
+        "Compiled = `torch.compile` of the static-cache step (CUDA: also CUDA graphs); x eager = its speedup over "
+        "the same setting eager, for the step and end to end; warm-up s = `PrunedVLM.warm_up` before the rounds, "
+        f"which compiles where it comes first.{floor}",
+        "",
+        "| method | keep | batch | decode ms/step | floor ms | / floor | x eager (step) | x eager (end to end) "
+        "| warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    for r in rows:
+        if r["decode_runs_s"]:
+            compiled = [cell(r["decode_speedup_compiled"]), cell(r["e2e_speedup_compiled"]),
+                        f"{r['warm_up_s']:.1f}"] if r["compiled"] else ["-"] * 3
+            cells = [r["method"], _budget_cell(r), str(r["batch"]),
+                     f"{r['decode_ms']:.2f} ± {r['decode_spread_ms'] / 2:.2f}", cell(r["decode_floor_ms"]),
+                     cell(r["decode_vs_floor"]), *compiled]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]) -> str:
@@ -549,6 +632,8 @@ def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]
             f"| {rate} "
             f"| {r['peak_prefill_bytes'] / mb:.0f} | {r['peak_generate_bytes'] / mb:.0f} | {r['kv_bytes'] / mb:.1f} "
             f"| {r['kv_ratio']:.3f} | {r['kv_ratio_formula']:.3f} |")
+    if any(r["decode_runs_s"] for r in rows):
+        lines += ["", decode_markdown(meta, rows)]
     if chunks:
         keeps = list(dict.fromkeys(c["keep"] for c in chunks))
         sizes = list(dict.fromkeys(c["chunk"] for c in chunks))

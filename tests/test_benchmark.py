@@ -30,7 +30,9 @@ ROW_KEYS = {"method", "keep", "rate", "batch", "prompt_tokens", "prompt_tokens_k
             "prefill_vs_flops", "e2e_s", "e2e_spread_s", "e2e_speedup", "e2e_speedup_flops", "e2e_vs_flops",
             "selection_ms", "selection_frac", "peak_prefill_bytes", "peak_generate_bytes", "kv_bytes",
             "kv_bytes_formula", "kv_ratio", "kv_ratio_formula", "layers_full_gflops_per_s",
-            "layers_kept_gflops_per_s", "prefill_runs_s", "selection_runs_s", "e2e_runs_s"}
+            "layers_kept_gflops_per_s", "prefill_runs_s", "selection_runs_s", "e2e_runs_s", "compiled", "decode_ms",
+            "decode_spread_ms", "decode_floor_ms", "decode_vs_floor", "decode_speedup_compiled", "e2e_speedup_compiled",
+            "warm_up_s", "decode_runs_s"}
 
 
 def benchmark(*args: str) -> str:
@@ -65,6 +67,25 @@ def test_report_has_every_row_and_column(report):
     assert [(c["keep"], c["chunk"]) for c in data["chunks"]] == [(6, 16), (6, 1)]
     assert {t["target"].split(":")[0] for t in data["targets"]} >= {"vlm-pruner keep 6, batch 1"}
     assert len(data["targets"]) == 6  # speed limit, selection at 1 and 2, throughput x 2, KV
+
+
+@pytest.mark.slow
+def test_compiled_decode_side_by_side(model_dir):
+    """--compile on: every setting also with the compiled step, in the same rounds, with its
+    decode ms a step, its speedup over eager and its warm-up (compile) seconds."""
+    text = benchmark("--model", model_dir, "--methods", "vlm-pruner", "--keeps", "6", "--batches", "2",
+                     "--repeats", "1", "--new-tokens", "4", "--question-tokens", "6", "--chunks", "", "--compile", "on",
+                     "--quiet")
+    table = text[text.index("Decode, ms a step"):].split("\n\n")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0] for r in rows] == ["none", "vlm-pruner", "none compiled", "vlm-pruner compiled"]
+    for method, keep, batch, ms, floor, of_floor, step, e2e, warm_up in rows:
+        assert float(ms.split(" ± ")[0]) > 0 and floor == of_floor == "-"  # no floor on a CPU
+        if method.endswith("compiled"):
+            assert float(step) > 0 and float(e2e) > 0 and float(warm_up) > 0
+        else:
+            assert step == e2e == warm_up == "-"
 
 
 def test_values_are_consistent(report):
