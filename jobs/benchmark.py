@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from pipeline.benchmarks import bench_pipeline, bench_resume, load_model, scene_images, write_report  # noqa: E402
+from pipeline.benchmarks import bench_pipeline, bench_read, bench_resume, load_model, scene_images, write_report  # noqa: E402
 from pruner import benchmark  # noqa: E402
 from pruner.flops import SHAPES  # noqa: E402
 from pruner.profiling import random_clips  # noqa: E402
@@ -156,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
     sel.add_argument("--seed", type=int, default=0)
     sel.add_argument("--json", help="also write the rows here")
 
+    rd = sub.add_parser("read", help="rows/s and driver memory of reading + decoding + numbering a corpus (no model)")
+    rd.add_argument("--rows", type=int, default=100_000)
+    rd.add_argument("--format", choices=["parquet", "webdataset"], default="parquet")
+    rd.add_argument("--rows-per-file", type=int, default=10_000)
+    rd.add_argument("--output", help="the corpus's folder, kept (default: a new temporary one); reused if not empty")
     res = sub.add_parser("resume", help="driver memory and seconds of resume + summary at N finished rows (no model)")
     res.add_argument("--rows", type=int, default=10_000_000)
     res.add_argument("--rows-per-file", type=int, default=65_536)
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.what == "selection":
         run_selection(args)
+    elif args.what == "read":
+        print(json.dumps(bench_read(args.rows, args.format, args.rows_per_file, args.output), indent=1))
     elif args.what == "resume":
         print(json.dumps(bench_resume(args.rows, args.rows_per_file, args.output), indent=1))
     elif args.what == "pipeline":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import random
 import subprocess
@@ -121,6 +122,24 @@ def bench_resume(rows: int, rows_per_file: int, output: str | None = None) -> di
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_read(rows: int, fmt: str, rows_per_file: int, output: str | None = None) -> dict:
+    """Reading a corpus of `rows` small images (no model), measured in a fresh process so that
+    the driver's peak memory is this work's alone (`pipeline.scale`)."""
+    from .scale import write_corpus
+
+    folder = output or tempfile.mkdtemp(prefix=f"read-{fmt}-")
+    if not os.path.exists(folder) or not os.listdir(folder):
+        start = time.perf_counter()
+        write_corpus(folder, rows, fmt, rows_per_file)
+        print(f"wrote {rows:,} rows as {fmt} in {time.perf_counter() - start:.0f} s to {folder}", file=sys.stderr)
+    code = f"import json; from pipeline.scale import measure_read; print(json.dumps(measure_read({folder!r}, {rows})))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+    return {"format": fmt, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 def load_model(shape: str | None, layers: int | None, model: str | None, dtype: str | None, device: str | None,

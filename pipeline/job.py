@@ -169,27 +169,32 @@ def stop_on_interrupt(files: RunFiles) -> Iterator[None]:
         signal.signal(signal.SIGINT, before)
 
 
+def numbered_rows(source: Source, plan: InputPlan, run_dir: str, limit: int | None = None) -> ray.data.Dataset:
+    """The input's rows in the plan's order with `input_row`, `source_file` and `source_row`,
+    less those already done (the plan and the done set are `RunFiles` in `run_dir`)."""
+    ds = source.read([f.path for f in plan.files])
+    # In order: rows are numbered by position as they pass one actor, and --limit means the first
+    # rows. On the dataset's own context: a dataset copies the current one when it is read, so
+    # setting the current one here came too late for the first job in a process.
+    ds.context.execution_options.preserve_order = True
+    if limit is not None:
+        ds = ds.limit(limit)
+    # On the driver's node: a lost worker node must not take the row count with it. One block
+    # at a time: Ray Data lets an actor run a later task first when an earlier one's input is
+    # not ready yet, which numbered rows 2-3 as 0-1 in CI.
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    return ds.map_batches(Numberer, batch_format="pyarrow", batch_size=None, num_cpus=0, label_selector=here,
+                          compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
+                          fn_constructor_kwargs={"run_dir": run_dir})
+
+
 def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run_dir: str) -> ray.data.Dataset:
     gpus = cfg.num_gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpus = ray.cluster_resources().get("CPU", 1)
-
-    ds = source.read([f.path for f in plan.files])
     stop = StopFlag(os.path.basename(run_dir))
-    # In order: rows are numbered by position as they pass one actor, and --limit means the first
-    # rows. On the dataset's own context: a dataset copies the current one when it is read, so
-    # setting the current one here came too late for the first job in a process.
-    ds.context.execution_options.preserve_order = True
-    if cfg.limit is not None:
-        ds = ds.limit(cfg.limit)
-    # On the driver's node: a lost worker node must not take the row count with it. One block
-    # at a time: Ray Data lets an actor run a later task first when an earlier one's input is
-    # not ready yet, which numbered rows 2-3 as 0-1 in CI.
-    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-    ds = ds.map_batches(Numberer, batch_format="pyarrow", batch_size=None, num_cpus=0, label_selector=here,
-                        compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
-                        fn_constructor_kwargs={"run_dir": run_dir})
+    ds = numbered_rows(source, plan, run_dir, cfg.limit)
     # One model batch per block, so preprocessing spreads over workers batch by batch and
     # answers stream to the writer as groups finish rather than when a whole input file is done.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)

@@ -90,3 +90,14 @@ def test_shards_answer_every_sample_in_order_and_errors_are_rows(local_ray, mode
     shard(shards / "00003.tar", sample("d0", 5))  # a new shard: only its row is answered
     again = run(JobConfig(input=str(shards), output=str(out), **cfg))
     assert (again["rows"], again["processed"]) == (8, 1 + 3)  # the new row and the three error rows retried
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_the_read_benchmark_reads_and_decodes_every_row_it_wrote(tmp_path, fmt):
+    from pipeline.benchmarks import bench_read
+
+    got = bench_read(250, fmt, rows_per_file=100, output=str(tmp_path / "corpus"))
+    assert (got["rows"], got["files"]) == (250, 3) and got["rows_per_second"] > 0
+    with pytest.raises(RuntimeError, match="wrote 251 rows but read 250 and decoded 250"):
+        bench_read(251, fmt, rows_per_file=100, output=str(tmp_path / "corpus"))  # the corpus is reused
