@@ -8,9 +8,10 @@
     _partial/                             this job's files that a killed run left unreadable
 
 Every other file is the user's: never read as output, moved or deleted. Rows are tracked by
-their position in the input (`row`), not by id, so ids may repeat. Ray Data's own
-checkpointing filters by an id column of the input at the read; here `--limit` must pick
-the same first rows on every run and error rows are rerun, so the filter is our own.
+their number in the input (`input_row`, see `pipeline.inputs`), not by id, so ids may
+repeat. Ray Data's own checkpointing filters by an id column of the input at the read; here
+`--limit` must pick the same first rows on every run and error rows are rerun, so the filter
+is our own.
 """
 from __future__ import annotations
 
