@@ -143,7 +143,10 @@ class Batch:
     frames: list[int]  # per sample, video frames (0 for an image)
 
 
-def collate(adapter: Adapter, samples: list[Prepared], device: torch.device) -> Batch:
+def collate(adapter: Adapter, samples: list[Prepared], device: torch.device,
+            normalize: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> Batch:
+    """The samples as one left-padded batch on `device`, visual features in place;
+    `normalize` maps the vision inputs once there (`Preprocessor.normalize`: uint8 pixels)."""
     lengths = torch.tensor([len(s.input_ids) for s in samples])
     b, width = len(samples), int(lengths.max())
     offsets = width - lengths  # left padding per sample
@@ -153,6 +156,8 @@ def collate(adapter: Adapter, samples: list[Prepared], device: torch.device) -> 
     input_ids, pad = input_ids.to(device), pad.to(device)
 
     vision = {k: v.to(device) for k, v in adapter.collate_vision(samples).items()}
+    if normalize is not None:
+        vision = normalize(vision)
     embeds = adapter.embed_tokens(input_ids)  # [B, L, D]
     features = adapter.features(vision)
     for token_id in adapter.visual_token_ids:  # each kind of placeholder gets its own features

@@ -45,22 +45,39 @@ Visual = Image.Image | np.ndarray | Sequence[Image.Image]  # an image, or a vide
 class Preprocessor:
     """Chat template, tokenizing and image / video preparation for one checkpoint: no model
     needed. A video is its already-sampled frames: a list of PIL images or a uint8 array
-    [T, H, W, 3]; every frame is used."""
+    [T, H, W, 3]; every frame is used. `uint8`: samples keep their resized pixels as uint8,
+    a quarter of float32's bytes between processes; `normalize` (in `collate`, on the model's
+    device) rescales and normalises them as the processor would have."""
 
-    def __init__(self, processor: Any, adapter_cls: type[Adapter]):
+    def __init__(self, processor: Any, adapter_cls: type[Adapter], uint8: bool = False):
         self.processor = processor
         self.adapter_cls = adapter_cls
+        self.uint8 = uint8
 
     @classmethod
-    def from_pretrained(cls, path: str) -> Preprocessor:
+    def from_pretrained(cls, path: str, uint8: bool = False) -> Preprocessor:
         config = AutoConfig.from_pretrained(path)
-        return cls(AutoProcessor.from_pretrained(path), adapter_class(config.model_type))
+        return cls(AutoProcessor.from_pretrained(path), adapter_class(config.model_type), uint8)
 
     def __call__(self, image: Visual, question: str) -> Prepared:
         """One sample: `image` is a PIL image or a video (list of PIL frames, or uint8 [T, H, W, 3])."""
         if not isinstance(question, str):
             raise ValueError(f"each question must be a string, got {type(question).__name__}")
-        return self.adapter_cls.prepare(self.processor, as_visual(image), question)
+        return self.adapter_cls.prepare(self.processor, as_visual(image), question, self.uint8)
+
+    def normalize(self, vision: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """uint8 pixels as the processor's float32 output: x * rescale_factor, less the mean,
+        over the std, per colour channel (to within float rounding); other tensors as given."""
+        out = dict(vision)
+        for key in self.adapter_cls.pixel_keys:
+            x = vision.get(key)
+            if x is None or x.dtype != torch.uint8:
+                continue
+            p = self.processor.video_processor if key == "pixel_values_videos" else self.processor.image_processor
+            mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (p.image_mean, p.image_std))
+            channels = self.adapter_cls.channels(x).float()  # [..., 3, H, W]
+            out[key] = ((channels * p.rescale_factor - mean) / std).view(x.shape)
+        return out
 
     def many(self, images: Sequence[Visual], questions: Sequence[str]) -> list[Prepared]:
         if len(images) != len(questions):
@@ -165,7 +182,7 @@ class PrunedVLM:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        batch = collate(self.adapter, list(samples), self.device)
+        batch = collate(self.adapter, list(samples), self.device, self.preprocessor.normalize)
         token_ids, state = generate_tokens(self.adapter, self.plan, batch, limits, self.eos,
                                            temperature, top_p, generator, decoder=self.decoder)
         return [

@@ -46,6 +46,7 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     model_class: ClassVar[Any] = None  # the transformers class that loads a checkpoint
     takes_video: ClassVar[bool] = False
+    pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")  # the processor's pixels
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -69,18 +70,26 @@ class Adapter:
         return processor.apply_chat_template(messages, add_generation_prompt=True)
 
     @classmethod
-    def prepare(cls, processor: Any, visual: Image.Image | np.ndarray, question: str) -> Prepared:
+    def prepare(cls, processor: Any, visual: Image.Image | np.ndarray, question: str, uint8: bool = False) -> Prepared:
         """One sample: an RGB image, or a video as uint8 frames [T, H, W, 3] (taken as given:
-        no frame sampling)."""
+        no frame sampling). `uint8`: pixels resized but neither rescaled nor normalised, a
+        quarter of float32's bytes to ship between processes (see `channels`)."""
+        raw = {"do_rescale": False, "do_normalize": False} if uint8 else {}
         if isinstance(visual, Image.Image):
-            out = processor(images=[visual], text=[cls.prompt(processor, question)], return_tensors="pt")
+            out = processor(images=[visual], text=[cls.prompt(processor, question)], return_tensors="pt", **raw)
         elif not cls.takes_video:
             raise ValueError(f"the {cls.model_types[0]} family takes images only, not video")
         else:
             out = processor(videos=[visual], text=[cls.prompt(processor, question, "video")], return_tensors="pt",
-                            do_sample_frames=False)
+                            do_sample_frames=False, **raw)
         vision = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and isinstance(v, Tensor)}
         return Prepared(input_ids=out["input_ids"][0], vision=vision)
+
+    @classmethod
+    def channels(cls, pixels: Tensor) -> Tensor:
+        """The processor's pixels with the colour channel at dim -3, so that a [3, 1, 1] mean
+        and std broadcast: images, tiles and frames are [..., 3, H, W] as they are."""
+        return pixels
 
     @classmethod
     def collate_vision(cls, samples: list[Prepared]) -> dict[str, Tensor]:

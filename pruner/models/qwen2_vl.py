@@ -54,6 +54,11 @@ class Qwen2VLAdapter(Adapter):
                 out[k] = torch.cat(parts)
         return out
 
+    @classmethod
+    def channels(cls, pixels: Tensor) -> Tensor:
+        """Flat patches [n, C * T * P * P] hold each patch channel after channel: [n, C, T * P * P, 1]."""
+        return pixels.view(pixels.shape[0], 3, -1, 1)
+
     # ------------------------------------------------------------------ model side
 
     def features(self, vision: dict[str, Tensor]) -> dict[int, Tensor]:
