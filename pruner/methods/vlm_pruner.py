@@ -75,8 +75,9 @@ def select_batch(
     backend: where the BSS rounds run. "torch": the lockstep tensor ops here, which ask the
     host after every chunk whether anything was accepted (cheap on a CPU, a queue drain each on
     a GPU); "triton": one Triton program a sample walks all its rounds on the device
-    (`vlm_pruner_triton`), the same decisions with a constant number of host syncs a call;
-    "auto": triton on CUDA, torch elsewhere. Pivots and SWA are the same tensor ops for both.
+    (`vlm_pruner_triton`), the same decisions with no host sync (the official mode reads its
+    kept counts once); "auto": triton on CUDA, torch elsewhere. Pivots and SWA are the same
+    tensor ops for both.
     """
     keep = check_keep(keep)
     for name, x in (("keys", keys), ("hidden", hidden)):
@@ -96,7 +97,7 @@ def select_batch(
         raise ValueError(f"temporal_scale must be a number >= 0, got {temporal_scale!r}")
     on_triton = _on_triton(backend, hidden.device)
     n = hidden.shape[1]
-    coords, diag = grid_coords(grid, n, hidden.device, float(temporal_scale))
+    xyt = _coords(grid, n, hidden.device, float(temporal_scale))  # [N, 3]
     if keep >= n:
         return [(torch.arange(n, device=hidden.device), h) for h in hidden]
 
@@ -105,14 +106,16 @@ def select_batch(
     first = _pivots(keys.float(), n_pivots)  # [B, P]
     if on_triton:
         from .vlm_pruner_triton import bss
-        order = bss(x, coords / diag, first, keep, chunk=chunk, tau=tau, lam=lam, official=official, step=TAU_STEP)
+        order = bss(x, xyt, first, keep, chunk=chunk, tau=tau, lam=lam, official=official, step=TAU_STEP)
     else:
-        order = _bss(x, coords / diag, first, keep, chunk=chunk, tau=tau, lam=lam, official=official)  # [B, N]
+        order = _bss(x, xyt, first, keep, chunk=chunk, tau=tau, lam=lam, official=official)  # [B, N]
     kept, count = _by_order(order, max(keep, n_pivots))  # [B, K] in selection order, [B]
     merged = _swa(x, hidden, kept, alpha)  # [B, K, D]
     indices, perm = kept.sort(dim=1)  # padding (index N) sorts last
     merged = merged.gather(1, perm[:, :, None].expand_as(merged))
-    return [(indices[i, :k], merged[i, :k]) for i, k in enumerate(count.tolist())]
+    # the exact-k mode always fills the budget: only the official mode's counts need the host
+    sizes = count.tolist() if official else [keep] * len(count)
+    return [(indices[i, :k], merged[i, :k]) for i, k in enumerate(sizes)]
 
 
 def run(signals, keep: int, **params) -> Selection:
@@ -136,6 +139,21 @@ def _on_triton(backend: str, device: torch.device) -> bool:
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device.type} tensors")
     return backend == "triton"
+
+
+_COORDS: dict[tuple, Tensor] = {}
+
+
+def _coords(grid: Grid, n: int, device: torch.device, temporal_scale: float) -> Tensor:
+    """Normalized token coordinates (`grid_coords` / its diagonal), [N, 3], made once per grid
+    and device: they are built on the host, and a copy to a GPU waits for its queue."""
+    key = (repr(grid), n, str(device), temporal_scale)
+    if key not in _COORDS:
+        coords, diag = grid_coords(grid, n, device, temporal_scale)
+        if len(_COORDS) >= 256:
+            _COORDS.clear()
+        _COORDS[key] = coords / diag
+    return _COORDS[key]
 
 
 def _screen_channels(hidden: Tensor, channels: int) -> Tensor:
