@@ -163,10 +163,7 @@ def test_hub_names_resolve_through_the_local_cache_offline(model_dir, tmp_path):
     script = str(ROOT / "jobs" / "caption.py")
     for args, line in [(("--model", "org/nope"), "--model 'org/nope' is neither a local checkpoint folder nor a "
                                                  "Hugging Face model in the local cache (HF_HUB_OFFLINE is set)"),
-                       (("--model", "org/tiny", "--input", "org/none"), "input 'org/none' is neither a local path"),
-                       (("--model", "org/tiny", "--input", "org/data"), "holds splits test, train: choose one"),
-                       (("--model", "org/tiny", "--input", "org/data", "--split", "dev"),
-                        "--split 'dev': 'org/data' has no such split; its splits: test, train")]:
+                       (("--model", "org/tiny", "--input", "org/none"), "input 'org/none' is neither a local path")]:
         proc = subprocess.run([sys.executable, script, *args], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=240)
         lines = proc.stderr.strip().splitlines()
@@ -260,9 +257,9 @@ def test_a_prompt_beyond_the_models_context_is_an_error_row_and_the_rest_are_ans
 @pytest.mark.slow
 def test_ctrl_c_writes_the_rows_in_flight_says_so_in_one_line_and_a_rerun_resumes(model_dir, tmp_path):
     data, out = tmp_path / "data.parquet", tmp_path / "out"
-    write_parquet(good_rows(5) * 60, data)  # 300 rows
+    write_parquet(good_rows(5) * 40, data)  # 200 rows
     args = [sys.executable, "jobs/caption.py", "--model", model_dir, "--input", str(data), "--output", str(out),
-            "--keep", "8", "--max-new-tokens", "8", "--batch-size", "2", "--group-batches", "1",
+            "--keep", "8", "--max-new-tokens", "16", "--batch-size", "2", "--group-batches", "1",
             "--rows-per-file", "4"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -274,13 +271,13 @@ def test_ctrl_c_writes_the_rows_in_flight_says_so_in_one_line_and_a_rerun_resume
     assert proc.returncode == 130, stderr
     assert len(lines) == 2 and lines[1].startswith("interrupted: ") and "rerun the same command" in lines[1], stderr
     summary = json.loads(stdout)
-    assert summary["interrupted"] and 0 < summary["rows"] < 300
+    assert summary["interrupted"] and 0 < summary["rows"] < 200
     assert not (out / "_job.lock").exists()
     assert len(rows_of(out)) == summary["rows"]
     rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr
     got = rows_of(out)
-    assert [r["input_row"] for r in got] == list(range(300))
+    assert [r["input_row"] for r in got] == list(range(200))
 
 
 def test_the_resume_benchmark_counts_every_row_it_wrote_or_fails(tmp_path):
