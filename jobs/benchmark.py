@@ -7,6 +7,7 @@
     python jobs/benchmark.py runtime --methods vlm-pruner --keeps 64 --batches 8 --new-tokens 32 --compile on
     python jobs/benchmark.py selection [--n 576 --dim 4096 --keeps 192,128,64 --repeats 7 --batches 1,8,32]
     python jobs/benchmark.py selection --device cuda --backend torch,triton --shape llava-1.5-7b
+    python jobs/benchmark.py compile --rows 400 --modes off,auto,on --repeats 3
 
 `runtime` (the default when no subcommand is given): what pruning saves in the real runtime,
 each method x budget against unpruned at each batch size, in interleaved rounds (a warm-up,
@@ -33,6 +34,10 @@ run (LLaVA-1.5-7B's widths, all 32 LLM layers, bf16; not yet run on a GPU):
 
     python jobs/benchmark.py selection --device cuda --backend torch,triton --shape llava-1.5-7b \
         --keeps 64 --json out/selection-gpu.json > out/selection-gpu.md
+
+`compile` runs the caption job (demo data and model, VLM-Pruner keep 64) with each
+`--compile` mode in turn, rounds of one cold-start run a mode: rows/s, wall seconds and the
+model actor's compile seconds side by side, and each mode's rows/s over the first's.
 """
 from __future__ import annotations
 
@@ -47,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from pipeline.benchmarks import bench_pipeline, bench_read, bench_resume, load_model, scene_images, write_report  # noqa: E402
+from pipeline.benchmarks import (bench_compile, bench_pipeline, bench_read, bench_resume, load_model,  # noqa: E402
+                                 scene_images, write_report)
 from pruner import benchmark  # noqa: E402
 from pruner.flops import SHAPES  # noqa: E402
 from pruner.profiling import random_clips  # noqa: E402
@@ -172,6 +178,13 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--output", default="out/bench-pipeline")
     pipe.add_argument("--threads-per-actor", type=int, help="default: the job's (the node's CPUs)")
     pipe.add_argument("--repeats", type=int, default=3, help="job runs, each between two loop runs")
+    comp = sub.add_parser("compile", help="the caption job's rows/s with each --compile mode, side by side (demo data)")
+    comp.add_argument("--modes", default="off,auto,on", help="--compile modes, comma-separated; ratios to the first")
+    comp.add_argument("--rows", type=int, default=400)
+    comp.add_argument("--batch-size", type=int, default=8)
+    comp.add_argument("--max-new-tokens", type=int, default=32)
+    comp.add_argument("--output", default="out/bench-compile")
+    comp.add_argument("--repeats", type=int, default=3, help="rounds of one run a mode")
     return p
 
 
@@ -186,6 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_read(args.rows, args.format, args.rows_per_file, args.output), indent=1))
     elif args.what == "resume":
         print(json.dumps(bench_resume(args.rows, args.rows_per_file, args.output), indent=1))
+    elif args.what == "compile":
+        modes = [m for m in args.modes.split(",") if m]
+        if not modes or set(modes) - {"auto", "on", "off"}:
+            raise SystemExit(f"--modes takes auto, on and off, comma-separated; got {args.modes!r}")
+        print(json.dumps(bench_compile(args.rows, args.batch_size, args.max_new_tokens, args.output, modes,
+                                       args.repeats), indent=1))
     elif args.what == "pipeline":
         print(json.dumps(bench_pipeline(args.rows, args.batch_size, args.max_new_tokens, args.output,
                                         args.threads_per_actor, args.repeats), indent=1))

@@ -86,14 +86,15 @@ def _loop(table: list[dict], batch_size: int, max_new_tokens: int) -> dict:
     return {"seconds": end - loaded, "wall": end - start}
 
 
-def _job(rows: int, batch_size: int, max_new_tokens: int, output: str, threads_per_actor: int | None) -> dict:
+def _job(rows: int, batch_size: int, max_new_tokens: int, output: str, threads_per_actor: int | None,
+         compile: str = "auto") -> dict:
     """The caption job on the same rows from a cold Ray start (`--overwrite`)."""
     import ray
 
     from .job import JobConfig, actor_threads, run
 
     cfg = JobConfig(output=output, limit=rows, batch_size=batch_size, overwrite=True,
-                    max_new_tokens=max_new_tokens, threads_per_actor=threads_per_actor)
+                    max_new_tokens=max_new_tokens, threads_per_actor=threads_per_actor, compile=compile)
     start = time.perf_counter()
     ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     try:
@@ -102,6 +103,36 @@ def _job(rows: int, batch_size: int, max_new_tokens: int, output: str, threads_p
     finally:
         ray.shutdown()
     return {"summary": summary, "actor_threads": threads, "wall": time.perf_counter() - start}
+
+
+def bench_compile(rows: int, batch_size: int, max_new_tokens: int, output: str, modes: list[str],
+                  repeats: int = 3) -> dict:
+    """The caption job (demo data and model, VLM-Pruner keep 64) with each `--compile` mode,
+    side by side: rounds of one cold-start run a mode, in turn, so that the machine's drift
+    falls on every mode alike. Per mode: rows/s over pipeline time (the model actor's
+    start-up, load and compile included, Ray's own start not), wall seconds, and the
+    actor's compile seconds; per round, each mode's rows/s over the first mode's."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            job = _job(rows, batch_size, max_new_tokens, output, None, compile=mode)
+            summary = job["summary"]
+            runs[mode].append({"rows_per_second": summary["rows_per_second"], "wall": round(job["wall"], 2),
+                               "compile_seconds": summary["seconds"]["model_compile"],
+                               "model_busy": summary["seconds"]["model_busy"]})
+            print(f"--compile {mode}: {summary['rows_per_second']:.2f} rows/s, compile "
+                  f"{summary['seconds']['model_compile']:.1f} s", file=sys.stderr, flush=True)
+    first = runs[modes[0]]
+    out = {"rows": rows, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "modes": {}}
+    for mode, rs in runs.items():
+        rps = [r["rows_per_second"] for r in rs]
+        ratio = [r["rows_per_second"] / f["rows_per_second"] for r, f in zip(rs, first)]
+        out["modes"][mode] = {"rows_per_second_median": _median(rps), "rows_per_second_spread": [min(rps), max(rps)],
+                              f"vs_{modes[0]}_median": round(_median(ratio), 3),
+                              f"vs_{modes[0]}_spread": [round(min(ratio), 3), round(max(ratio), 3)], "runs": rs}
+    return out
 
 
 def _median(xs: list[float]) -> float:

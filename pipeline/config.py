@@ -29,6 +29,7 @@ from .urls import DEFAULT_FETCH_RETRIES, DEFAULT_FETCH_TIMEOUT
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES
 
 DEFAULT_QUESTION = "Describe the image briefly."
+COMPILE = {"auto": "auto", "on": True, "off": False}  # --compile -> PrunedVLM's compile
 
 ANSWER_FIELDS = ("input", "split", "revision", "model", "method", "keep", "rate", "prune_layer", "method_params",
                  "max_new_tokens", "temperature", "top_p", "seed", "question", "image_column", "video_column",
@@ -66,6 +67,7 @@ class JobConfig:
     concurrency: int = 1
     num_gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
     threads_per_actor: int | None = None  # torch threads of a CPU actor; None: the node's CPUs / concurrency
+    compile: str = "auto"  # the decode step through torch.compile: "on", "off", "auto" (on CUDA only)
     limit: int | None = None  # only the first N input rows
     rows_per_file: int = 512
     overwrite: bool = False  # start over when the output folder holds another configuration
@@ -108,6 +110,8 @@ class JobConfig:
                 _at_least(name, getattr(self, name), 1)
         if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
             raise JobError(f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
+        if self.compile not in COMPILE:
+            raise JobError(f"--compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
         if not self.temperature >= 0:
             raise JobError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -250,6 +254,9 @@ def _flags() -> list[tuple[str, dict]]:
         ("num_gpus_per_actor", dict(type=float, help="default: 1 when the cluster has GPUs, else 0 (CPU)")),
         ("threads_per_actor", dict(type=int, help="torch threads of a CPU model actor "
                                                   "(default: the node's CPUs / --concurrency)")),
+        ("compile", dict(choices=list(COMPILE), help="compile the decode step once per model actor (on CUDA it "
+                                                     "replays as a CUDA graph); auto: on on CUDA, off on a CPU, "
+                                                     "where compiling costs more than it saves (default: auto)")),
         ("limit", dict(type=int, help="only the first N input rows")),
         ("rows_per_file", dict(type=int, help=f"rows buffered per output file; a kill loses at most these "
                                               f"(default: {default['rows_per_file']})")),

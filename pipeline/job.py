@@ -34,7 +34,7 @@ from .sources import Source, SourceError, open_source
 from .inputs import InputPlan, plan_inputs
 from .numbering import Numberer, RunFiles, StopFlag
 from .progress import report_progress
-from .stages import Answerer, Columns, Preparer
+from .stages import Answerer, Columns, CompileSeconds, Preparer
 
 MANIFEST_VERSION = 1
 
@@ -139,7 +139,7 @@ def run(cfg: JobConfig) -> dict:
         prefix = out_.file_prefix(manifest["job_id"], manifest["runs"])
         start = time.perf_counter()
         ds = pipeline(cfg, source, plan, cols, files.dir)
-        to_do = min(int(plan.rows.sum()), cfg.limit or 1 << 62) - done.in_scope(scope)
+        to_do = None if plan.total is None else min(plan.total, cfg.limit or plan.total) - done.in_scope(scope)
         with stop_on_interrupt(files), report_progress(ds, total=to_do):
             ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file,
                              filename_provider=out_.FileNames(prefix))
@@ -194,6 +194,7 @@ def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpus = ray.cluster_resources().get("CPU", 1)
     stop = StopFlag(os.path.basename(run_dir))
+    CompileSeconds(cfg.output).take()  # none left over from a run that died before its summary
     ds = numbered_rows(source, plan, run_dir, cfg.limit)
     # One model batch per block, so preprocessing spreads over workers batch by batch and
     # answers stream to the writer as groups finish rather than when a whole input file is done.
@@ -307,6 +308,7 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
     """The final state of the folder, and what this run did."""
     t = out_.totals(folder, manifest["job_id"], manifest["runs"])
     seconds = stage_seconds(t, wall, cfg.concurrency, write)
+    seconds["model_compile"] = round(CompileSeconds(cfg.output).take(), 2)  # the actors' warm-up, within model_idle
     foreign = folder.foreign(manifest["job_id"])
     summary = {
         "rows": t.rows,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from pruner import Preprocessor, PrunedVLM
 from pruner.vlm import Generation
 from pruner.models import Prepared
 
-from .config import DEFAULT_QUESTION, JobConfig
+from .config import COMPILE, DEFAULT_QUESTION, JobConfig
 from .images import BadImage, decode, image_bytes
 from .common import first_line
 from .numbering import StopFlag, set_column
@@ -95,7 +96,8 @@ class Preparer:
                  num_frames: int = DEFAULT_NUM_FRAMES, max_video_seconds: float = DEFAULT_MAX_SECONDS,
                  fetch_timeout: float = DEFAULT_FETCH_TIMEOUT, fetch_retries: int = DEFAULT_FETCH_RETRIES,
                  preprocessor: Preprocessor | None = None):
-        self.preprocessor = preprocessor or Preprocessor.from_pretrained(model_path)
+        # its own (a CPU worker ahead of GPU actors): uint8 pixels, normalised on the GPU
+        self.preprocessor = preprocessor or Preprocessor.from_pretrained(model_path, uint8=True)
         self.cols, self.base_dir, self.max_pixels = cols, base_dir, max_pixels
         self.num_frames, self.max_video_seconds = num_frames, max_video_seconds
         self.fetcher = Fetcher(fetch_timeout, fetch_retries, MAX_VIDEO_BYTES if cols.video else MAX_IMAGE_BYTES)
@@ -157,8 +159,36 @@ def deserialize(data: bytes) -> Sample:
     return Prepared(tensors.pop("input_ids"), {k.removeprefix("vision."): v for k, v in tensors.items()})
 
 
+class CompileSeconds:
+    """The model actors' compile (warm-up) seconds, for the job's summary: a key an actor in
+    Ray's cluster-wide key-value store, as `StopFlag`, under the output folder's name."""
+
+    def __init__(self, output: str):
+        self.prefix = f"vlm-pruner-compile:{output}:".encode()
+
+    def put(self, seconds: float) -> None:
+        from ray.experimental.internal_kv import _internal_kv_initialized, _internal_kv_put
+
+        if seconds and _internal_kv_initialized():
+            _internal_kv_put(self.prefix + uuid.uuid4().hex.encode(), repr(seconds).encode())
+
+    def take(self) -> float:
+        """The seconds put since the last take, summed over actors; their keys are deleted."""
+        from ray.experimental.internal_kv import (_internal_kv_del, _internal_kv_get, _internal_kv_initialized,
+                                                  _internal_kv_list)
+
+        if not _internal_kv_initialized():
+            return 0.0
+        keys = _internal_kv_list(self.prefix)
+        seconds = sum(float(_internal_kv_get(k) or 0) for k in keys)
+        for k in keys:
+            _internal_kv_del(k)
+        return seconds
+
+
 class Answerer:
-    """A model actor: loads one PrunedVLM, answers batches of prepared rows, or, given
+    """A model actor: loads one PrunedVLM and warms it up (compiling its decode step where
+    `--compile` says, for the job's batch size), answers batches of prepared rows, or, given
     `prepare` (a `Preparer`'s arguments), of input rows that it preprocesses itself."""
 
     def __init__(self, cfg: JobConfig, threads: int | None = None, prepare: dict | None = None,
@@ -166,7 +196,9 @@ class Answerer:
         if threads is not None:  # Ray pins OMP_NUM_THREADS to the actor's reserved CPUs
             torch.set_num_threads(threads)
         self.vlm = PrunedVLM.from_pretrained(cfg.model, method=cfg.method, keep=cfg.keep, rate=cfg.rate,
-                                             prune_layer=cfg.prune_layer, **cfg.method_params)
+                                             prune_layer=cfg.prune_layer, compile=COMPILE[cfg.compile],
+                                             **cfg.method_params)
+        CompileSeconds(cfg.output).put(self.vlm.warm_up(cfg.batch_size, cfg.max_new_tokens))
         self.cfg = cfg
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
         self.prunes = self.vlm.method.stage != "none"

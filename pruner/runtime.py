@@ -430,13 +430,15 @@ class Decoder:
     CUDA also captured as CUDA graphs (mode "reduce-overhead"), one a shape, replayed as one
     launch a step. A graph reads its cache at fixed addresses and is captured per shape, so
     there the batch is padded to `batch_bucket` rows, capacities are rounded by `bucket`,
-    and cache buffers are kept and reused by every batch of the same shape (`buckets` forces
-    the shaping on or off, e.g. to test it on a CPU)."""
+    and cache buffers are kept and reused by every batch of the same shape. `buckets` and
+    `reuse` force the shaping and the reuse on or off (to test them on a CPU)."""
 
-    def __init__(self, compiled: bool = False, device: torch.device | str = "cpu", buckets: bool | None = None):
+    def __init__(self, compiled: bool = False, device: torch.device | str = "cpu", buckets: bool | None = None,
+                 reuse: bool | None = None):
         self.compiled = compiled
         self.graphs = compiled and torch.device(device).type == "cuda"
         self.buckets = self.graphs if buckets is None else buckets
+        self.reuse = self.graphs if reuse is None else reuse
         self.buffers: dict[tuple, Tensor] = {}
         self.compiled_step = None
         if compiled:  # fullgraph: a graph break would be host work inside the step
@@ -447,7 +449,7 @@ class Decoder:
         rows = max(batch, 2) if self.compiled else batch  # one row would compile a graph of its own
         if not self.buckets:
             return KVCache(num_layers, room, rows)
-        return KVCache(num_layers, room, batch_bucket(rows), bucket, self._buffer if self.graphs else None)
+        return KVCache(num_layers, room, batch_bucket(rows), bucket, self._buffer if self.reuse else None)
 
     def _buffer(self, i: int, shape: tuple, like: Tensor) -> Tensor:
         """Cache buffer i of this shape, kept for the next batch of the same shape; at most

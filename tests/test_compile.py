@@ -135,6 +135,21 @@ def test_compiled_equals_eager_for_every_family(name):
 # ---------------------------------------------------------------- shapes and arguments (no compiling)
 
 
+def test_reused_cache_buffers_hold_nothing_of_the_batch_before(llava):
+    """As under CUDA graphs: bucketed shapes and cache buffers kept from batch to batch. A
+    batch after one with longer prompts (stale keys past its own prompts) and more rows
+    answers as eager does, in the same buffers."""
+    model, proc = llava
+    eager, reused = pair(model, proc, "dart", Decoder(buckets=True, reuse=True))
+    long = [tiny.image(i) for i in range(4)], [tiny.QUESTIONS[4], tiny.QUESTIONS[1], tiny.QUESTIONS[4], "left ?"]
+    short = [tiny.image(i + 4) for i in range(3)], ["left ?", tiny.QUESTIONS[0], "what ?"]
+    assert_same(eager.generate(*long, max_new_tokens=10), reused.generate(*long, max_new_tokens=10))
+    before = dict(reused.decoder.buffers)
+    assert_same(eager.generate(*short, max_new_tokens=10), reused.generate(*short, max_new_tokens=10))
+    kept = [k for k in reused.decoder.buffers if k in before]
+    assert kept and all(reused.decoder.buffers[k] is before[k] for k in kept)
+
+
 def test_buckets():
     assert [bucket(n) for n in (1, 16, 17, 100, 129, 673, 1000, 1025, 5000)] == \
         [16, 16, 32, 112, 144, 704, 1024, 1088, 5120]
@@ -155,6 +170,26 @@ def test_eos_checked_every_few_steps_drops_the_same_tokens(llava):
     assert every == fourth and every[0] == free[0][:2] and len(every[2]) <= 4
 
 
+@pytest.mark.slow
+def test_the_caption_job_compiles_once_per_actor_and_reports_it(local_ray, model_dir, tmp_path):
+    """--compile on: the model actor compiles in its constructor, the summary says how long,
+    and the answers are --compile off's."""
+    from pipeline.config import JobConfig
+    from pipeline.job import read_rows, run
+
+    data = tmp_path / "data.parquet"
+    tiny.write_parquet(tiny.good_rows(6), data)
+    answers = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        summary = run(JobConfig(model=model_dir, input=str(data), output=str(out), keep=8, max_new_tokens=5,
+                                batch_size=4, compile=mode))
+        assert summary["rows"] == 6 and summary["errors"] == 0
+        assert (summary["seconds"]["model_compile"] > 1) == (mode == "on")
+        answers[mode] = sorted(zip(*read_rows(JobConfig(output=str(out)), ["id", "answer"]).to_pydict().values()))
+    assert answers["on"] == answers["off"]
+
+
 def test_bad_compile_argument_is_a_clear_error(llava, model_dir):
     model, proc = llava
     for bad in ("yes", None, 1):
@@ -163,3 +198,7 @@ def test_bad_compile_argument_is_a_clear_error(llava, model_dir):
     with pytest.raises(ValueError, match="compile must be True, False or 'auto', got 'on'"):
         PrunedVLM.from_pretrained(model_dir, compile="on")
     assert not PrunedVLM(model, proc).compiled  # "auto" on a CPU
+    from pipeline.config import JobConfig, JobError
+
+    with pytest.raises(JobError, match="--compile must be one of auto, on, off, got 'yes'"):
+        JobConfig(model=model_dir, compile="yes")
