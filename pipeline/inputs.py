@@ -43,12 +43,18 @@ class InputPlan:
 
     @property
     def rows(self) -> np.ndarray:
-        return np.array([f.rows for f in self.files], np.int64)  # [files]
+        """int64 [files]; -1 for a stream, whose rows are known only once read."""
+        return np.array([-1 if f.rows is None else f.rows for f in self.files], np.int64)
+
+    @property
+    def total(self) -> int | None:
+        """Rows of the present files (None with a stream among them)."""
+        return None if (self.rows < 0).any() else int(self.rows.sum())
 
     @property
     def end(self) -> int:
-        """One past the largest input_row ever given."""
-        return max((r["first_row"] + r["rows"] for r in self.record), default=0)
+        """One past the largest input_row ever given (a stream's first row, for a stream)."""
+        return max((r["first_row"] + (r["rows"] or 0) for r in self.record), default=0)
 
     def table(self) -> pa.Table:
         """What the numbering actor needs: each file's name, the read position of its first
@@ -61,10 +67,10 @@ class InputPlan:
         """bool [end]: the input_rows of the first `limit` rows read (None: every row)."""
         if limit is None:
             return None
-        mask = np.zeros(self.end, bool)
+        mask = np.zeros(max(self.end, int(self.first_rows.max(initial=0)) + limit), bool)
         left = limit
         for first, n in zip(self.first_rows, self.rows):
-            take = min(int(n), left)
+            take = left if n < 0 else min(int(n), left)
             mask[first : first + take] = True
             left -= take
             if left == 0:
@@ -95,13 +101,13 @@ def plan_inputs(source: Source, known: list[dict] | None) -> InputPlan:
         record.append({**r, "size": f.size, "mtime_ns": f.mtime_ns})
         files.append(f)
         firsts.append(r["first_row"])
-    end = max((r["first_row"] + r["rows"] for r in known), default=0)
+    end = max((r["first_row"] + (r["rows"] or 0) for r in known), default=0)
     for f in sorted(present.values(), key=lambda f: f.name):  # new files, after every known row
         record.append({"file": f.name, "size": f.size, "mtime_ns": f.mtime_ns, "fingerprint": f.fingerprint,
                        "rows": f.rows, "first_row": end})
         files.append(f)
         firsts.append(end)
-        end += f.rows
+        end += f.rows or 0  # a stream is a source's only file
     missing = [r["file"] for r in known if r["file"] not in {f.name for f in files}]
     return InputPlan(files, np.array(firsts, np.int64), record, missing)
 

@@ -139,7 +139,7 @@ def run(cfg: JobConfig) -> dict:
         prefix = out_.file_prefix(manifest["job_id"], manifest["runs"])
         start = time.perf_counter()
         ds = pipeline(cfg, source, plan, cols, files.dir)
-        to_do = min(int(plan.rows.sum()), cfg.limit or 1 << 62) - done.in_scope(scope)
+        to_do = None if plan.total is None else min(plan.total, cfg.limit or plan.total) - done.in_scope(scope)
         with stop_on_interrupt(files), report_progress(ds, total=to_do):
             ds.write_parquet(cfg.output, min_rows_per_file=cfg.rows_per_file,
                              filename_provider=out_.FileNames(prefix))

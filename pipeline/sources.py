@@ -278,9 +278,8 @@ def _from_hub(name: str, split: str | None, revision: str | None = None, hub: An
         raise SourceError(f"input {name!r}: cannot reach the Hugging Face Hub: {first_line(e)}") from None
     if source is not None:
         return source
-    print(f"input {name!r} has no Parquet files on the Hub: loading it with datasets, which downloads it on "
-          f"the driver first", file=sys.stderr)
-    return _load_dataset(name, split, revision)
+    print(f"input {name!r} has no Parquet files on the Hub: streaming it with datasets", file=sys.stderr)
+    return _stream_dataset(name, split, revision)
 
 
 def _hub_parquet(name: str, split: str | None, revision: str | None, hub: Any) -> Source | None:
@@ -339,19 +338,31 @@ def _glob_regex(pattern: str) -> str:
     return out
 
 
-def _load_dataset(name: str, split: str | None, revision: str | None) -> Source:
+def _stream_dataset(name: str, split: str | None, revision: str | None) -> Source:
+    """A Hub dataset without Parquet files, streamed by `datasets` in one read task: one input
+    "file" whose rows are counted as they are read; its fingerprint is the Hub's commit."""
     import datasets
+    from huggingface_hub import HfApi
 
     try:
-        ds = datasets.load_dataset(name, split=split or "train", revision=revision)
-    except ValueError as e:
-        if "split" in str(e).lower():
-            raise SourceError(f"--split {split or 'train'!r}: {first_line(e)}") from None
-        raise SourceError(f"input {name!r}: {first_line(e)}") from None
+        splits = datasets.get_dataset_split_names(name, revision=revision)
+        split = _pick(splits, split, repr(name))
+        ds = datasets.load_dataset(name, split=split, revision=revision, streaming=True)
+        commit = HfApi().dataset_info(name, revision=revision).sha
+    except SourceError:
+        raise
     except Exception as e:
-        raise SourceError(f"input {name!r} is neither a local path nor a loadable Hugging Face dataset: "
-                          f"{first_line(e)}") from None
-    return _dataset_source(ds, f"{name}:{split or 'train'}")
+        raise SourceError(f"input {name!r} cannot be streamed with datasets: {first_line(e)}") from None
+    return _stream_source(ds, f"{name}:{split}", f"hub:{commit}")
+
+
+def _stream_source(ds: Any, name: str, fingerprint: str) -> Source:
+    """An IterableDataset as one input whose rows are counted as read. Ray's own datasource
+    for it, not `from_huggingface`, which first asks the Hub for Parquet files (none here)."""
+    from ray.data._internal.datasource.huggingface_datasource import HuggingFaceDatasource
+
+    file = InputFile(name, name, 0, None, None, fingerprint)
+    return Source("dataset", [file], None, None, "image", dataset=ray.data.read_datasource(HuggingFaceDatasource(ds)))
 
 
 def _from_snapshot(name: str, split: str | None, revision: str | None) -> Source:

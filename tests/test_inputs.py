@@ -323,3 +323,31 @@ def test_a_hub_dataset_is_listed_on_the_driver_and_read_as_its_parquet_files(loc
         _from_hub("org/data", "dev", None, hub)
     with pytest.raises(SourceError, match="neither a local path nor a dataset on the Hugging Face Hub"):
         _from_hub("org/none", None, None, hub)
+
+
+def test_a_hub_dataset_without_parquet_files_streams_as_one_input_counted_as_read(local_ray, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import datasets
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+    from pipeline import sources
+    from pipeline.job import numbered_rows
+    from pipeline.numbering import RunFiles
+
+    (tmp_path / "hub" / "datasets" / "org" / "csv@main").mkdir(parents=True)
+    (tmp_path / "hub" / "datasets" / "org" / "csv@main" / "data.csv").write_text("question\nq\n")
+    stream = datasets.Dataset.from_dict({"question": [f"q{i}" for i in range(7)]}).to_iterable_dataset()
+    stand_in = sources._stream_source(stream, "org/csv:train", "hub:c0ffee")
+    monkeypatch.setattr(sources, "_stream_dataset", lambda name, split, revision: stand_in)
+    source = sources._from_hub("org/csv", None, None, DirFileSystem(path=str(tmp_path / "hub"), fs=LocalFileSystem()))
+    assert source is stand_in
+    assert capsys.readouterr().err.splitlines() == ["input 'org/csv' has no Parquet files on the Hub: streaming it "
+                                                    "with datasets"]
+    plan = plan_inputs(source, None)
+    assert (plan.total, plan.table().column("start").to_pylist()) == (None, [0])
+    assert np.flatnonzero(plan.scope(3)).tolist() == [0, 1, 2]
+    assert plan_inputs(source, plan.record).files[0].name == "org/csv:train"  # the same commit: known
+    with RunFiles() as files:
+        files.write(plan.table(), np.zeros(0, bool))
+        got = numbered_rows(source, plan, files.dir, limit=5).take_all()
+    assert [(r["question"], r["input_row"], r["source_row"]) for r in got] == [(f"q{i}", i, i) for i in range(5)]
