@@ -486,7 +486,7 @@ class Decoder:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
         # dynamic only where `ready` says (a segment's layer range must stay a constant); a
         # graph per model and segment structure, never silently eager past dynamo's limit of 8
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
             return self.compiled_step(adapter, state, tokens, step)
 
 
