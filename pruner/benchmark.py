@@ -326,9 +326,9 @@ def decode_seconds(vlm: PrunedVLM, state: State, logits: torch.Tensor, steps: in
     (as `generate_tokens` runs them, without its EOS checks)."""
     device = logits.device
     b = logits.shape[0]
-    tokens = torch.zeros(state.cache.rows, dtype=torch.long, device=device)  # [R]
-    positions = torch.arange(steps, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode():  # inference tensors, as in `generate_tokens`: others would recompile the step
+        tokens = torch.zeros(state.cache.rows, dtype=torch.long, device=device)  # [R]
+        positions = torch.arange(steps, device=device)
         vlm.decoder.ready(state, tokens)
         sync(device)
         start = time.perf_counter()
