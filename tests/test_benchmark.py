@@ -82,10 +82,11 @@ def test_compiled_decode_side_by_side(model_dir):
     assert [r[0] for r in rows] == ["none", "vlm-pruner", "none compiled", "vlm-pruner compiled"]
     for method, keep, batch, ms, floor, of_floor, step, e2e, warm_up in rows:
         assert float(ms.split(" ± ")[0]) > 0 and floor == of_floor == "-"  # no floor on a CPU
-        if method.endswith("compiled"):
-            assert float(step) > 0 and float(e2e) > 0 and float(warm_up) > 0
+        if method.endswith("compiled"):  # a later setting may reuse a graph: its warm-up can round to 0.00
+            assert float(step) > 0 and float(e2e) > 0 and float(warm_up) >= 0
         else:
             assert step == e2e == warm_up == "-"
+    assert float(rows[2][-1]) > 0  # the first compiled setting pays the compile
 
 
 def test_values_are_consistent(report):
