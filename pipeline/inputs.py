@@ -108,7 +108,8 @@ def plan_inputs(source: Source, known: list[dict] | None) -> InputPlan:
         files.append(f)
         firsts.append(end)
         end += f.rows or 0  # a stream is a source's only file
-    missing = [r["file"] for r in known if r["file"] not in {f.name for f in files}]
+    read = {f.name for f in files}
+    missing = [r["file"] for r in known if r["file"] not in read]
     return InputPlan(files, np.array(firsts, np.int64), record, missing)
 
 
@@ -142,7 +143,7 @@ def _measure(fs: pafs.FileSystem | None, files: list[InputFile], kind: str) -> l
                     rows = 1
         except (OSError, pa.ArrowException) as e:
             raise JobError(f"input file {f.name} cannot be read: {first_line(e)}") from None
-        return replace(f, rows=rows, fingerprint=h.hexdigest()[:32])
+        return replace(f, rows=rows, fingerprint=f.fingerprint or h.hexdigest()[:32])  # the Hub's hash, if listed
 
     with ThreadPoolExecutor(THREADS) as pool:
         work = pool.map(one, files)

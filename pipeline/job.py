@@ -10,7 +10,6 @@ this configuration (`pipeline.output` says what the folder holds).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import sys
@@ -18,8 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -150,8 +149,8 @@ def run(cfg: JobConfig) -> dict:
 
 @contextlib.contextmanager
 def stop_on_interrupt(files: RunFiles) -> Iterator[None]:
-    """The first Ctrl-C stops the numbering actor taking rows, so the pipeline drains: the
-    rows in flight are answered and written. The second raises KeyboardInterrupt as usual."""
+    """The first Ctrl-C stops the numbering and model actors taking new rows, so the pipeline
+    drains: the rows answered are written. The second raises KeyboardInterrupt as usual."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -193,7 +192,7 @@ def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpus = ray.cluster_resources().get("CPU", 1)
-    stop = StopFlag(os.path.basename(run_dir))
+    stop = StopFlag.of(run_dir)
     CompileSeconds(cfg.output).take()  # none left over from a run that died before its summary
     ds = numbered_rows(source, plan, run_dir, cfg.limit)
     # One model batch per block, so preprocessing spreads over workers batch by batch and

@@ -23,7 +23,7 @@ class RunFiles:
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="vlm-pruner-run-")
-        self.stop = StopFlag(os.path.basename(self.dir))
+        self.stop = StopFlag.of(self.dir)
 
     def write(self, plan: pa.Table, done: np.ndarray) -> None:
         feather.write_feather(plan, os.path.join(self.dir, PLAN))
@@ -46,6 +46,11 @@ class StopFlag:
 
     def __init__(self, run: str):
         self.key = f"vlm-pruner-stop-{run}".encode()
+
+    @classmethod
+    def of(cls, run_dir: str) -> StopFlag:
+        """The flag of the run whose `RunFiles` are in `run_dir`."""
+        return cls(os.path.basename(run_dir))
 
     def set(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_put
@@ -84,7 +89,7 @@ class Numberer:
         self.starts = plan.column("start").to_numpy()  # [files] read position of each file's first row
         self.first_rows = plan.column("first_row").to_numpy()  # [files]
         self.done = np.load(os.path.join(run_dir, DONE))  # bool [rows done so far]
-        self.stop = StopFlag(os.path.basename(run_dir))
+        self.stop = StopFlag.of(run_dir)
         self.next = 0
         self.restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
 

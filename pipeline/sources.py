@@ -109,13 +109,12 @@ def open_source(uri: str, split: str | None = None, revision: str | None = None)
     if info.type == pafs.FileType.File:
         return Source("parquet", [_file(info, posixpath.basename(path))], fs, posixpath.dirname(uri), "image")
     if any(c in path for c in "*?["):
-        root = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
-        found = [f for f in _listing(fs, root) if fnmatch.fnmatch(f.path, path)]
+        found = [f for f in _listing(fs, glob_root(path)) if fnmatch.fnmatch(f.path, path)]
         if not found:
             raise SourceError(f"no files match {uri}")
-        if all(f.name.endswith(".tar") for f in found):
-            return _shards(fs, found, glob_root(uri))
         base = glob_root(uri)
+        if all(f.name.endswith(".tar") for f in found):
+            return _shards(fs, found, base)
         return Source("parquet", found, fs, posixpath.dirname(posixpath.join(base, found[0].name)), "image")
     raise SourceError(f"input not found: {uri}")
 

@@ -4,7 +4,6 @@ Also what a new user meets first: Hub names, overlapping spellings of the output
 prompts beyond the context and Ctrl-C. Tests that start Ray have timeouts."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -7,7 +7,6 @@ import tarfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 
 import tiny
