@@ -1,5 +1,5 @@
 """Measurements that take too long for the test suite; the procedures are in
-`pruner.benchmark` (runtime, selection) and `pipeline.benchmarks` (resume, pipeline).
+`pipeline.bench.runtime` (runtime, selection) and `pipeline.bench.job` (resume, pipeline).
 
     python jobs/benchmark.py runtime [--shape llava-1.5-7b --layers 4 | --model PATH] [--out DIR]
     python jobs/benchmark.py runtime --shape llava-video-7b --layers 4 --frames 32 --random-features \
@@ -52,11 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from pipeline.benchmarks import (bench_compile, bench_pipeline, bench_read, bench_resume, load_model,  # noqa: E402
+from pipeline.bench.job import (bench_compile, bench_pipeline, bench_read, bench_resume, load_model,  # noqa: E402
                                  scene_images, write_report)
-from pruner import benchmark  # noqa: E402
+from pipeline.bench import runtime as benchmark  # noqa: E402
 from pruner.flops import SHAPES  # noqa: E402
-from pruner.profiling import random_clips  # noqa: E402
+from pipeline.bench.profiling import random_clips  # noqa: E402
 from pruner.vlm import compiles  # noqa: E402
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.compare import (DEFAULT_ANSWER_COLUMN, DEFAULT_GROUP_COLUMN, DEFAULT_KEEPS,  # noqa: E402
+from pipeline.compare.sweep import (DEFAULT_ANSWER_COLUMN, DEFAULT_GROUP_COLUMN, DEFAULT_KEEPS,  # noqa: E402
                               DEFAULT_METHODS, CompareConfig, compare, parse_list)
 from pipeline.config import JobConfig, JobError, add_job_arguments, job_kwargs  # noqa: E402
 

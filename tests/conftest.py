@@ -1,11 +1,6 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests import the `tiny` model builders
-
-import tiny  # noqa: E402
+import tiny  # tests/ is on the path through pytest's `pythonpath` setting
 
 
 def _saved(tmp_path_factory, name: str, builder) -> str:

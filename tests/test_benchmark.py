@@ -1,5 +1,5 @@
 """jobs/benchmark.py on tiny models: the runtime report has every column and sane values, KV
-bytes read from the runtime's cache equal the formula, the meters (`pruner.profiling`, the
+bytes read from the runtime's cache equal the formula, the meters (`pipeline.bench.profiling`, the
 prefill meter through prefill's observer) and the random-weight builder work. The real
 measurements run in the job, not here."""
 import json
@@ -12,10 +12,10 @@ import torch
 
 import tiny
 from pruner import PrunedVLM
-from pruner.benchmark import parse_methods
+from pipeline.bench.runtime import parse_methods
 from pruner.flops import LLMShape, full_layers
 from pruner.methods import METHODS
-from pruner.profiling import PeakMemory, PrefillMeter, kv_bytes, random_weights
+from pipeline.bench.profiling import PeakMemory, PrefillMeter, kv_bytes, random_weights
 from pruner.runtime import collate, prefill
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_video_workload_at_a_rate_with_random_features(onevision_dir, tmp_path):
 def test_a_pipeline_round_compares_the_job_with_the_mean_of_the_loops_around_it():
     """A loop run at 50 s before the job and 70 s after it: the machine slowed down, and the
     job (66.7 s of pipeline time) is compared with 60 s, not with either neighbour alone."""
-    from pipeline.benchmarks import bracketed
+    from pipeline.bench.job import bracketed
 
     job = {"wall": 80.0, "summary": {"rows_per_second": 15.0, "wall_seconds": 66.67, "seconds": {}, "bound_by": ""}}
     r = bracketed(1000, {"seconds": 50.0, "wall": 52.0}, {"seconds": 70.0, "wall": 72.0}, job)

@@ -18,13 +18,13 @@ import pytest
 import ray
 from transformers import AutoConfig
 
-from pipeline import compare as C
-from pipeline.answers import answers_match, normalize_answer
-from pipeline.compare import CompareConfig, paired_drop, recommend
+from pipeline.compare import sweep as C
+from pipeline.compare.answers import answers_match, normalize_answer
+from pipeline.compare.sweep import CompareConfig, paired_drop, recommend
 from pipeline.demo import EVAL_PARQUET
 from pipeline.images import decode
 from pipeline.job import JobConfig, JobError
-from pipeline.report import COLUMNS, recommendation_text, write_report
+from pipeline.compare.report import COLUMNS, recommendation_text, write_report
 from pruner import PrunedVLM
 
 ROOT = Path(__file__).resolve().parents[1]

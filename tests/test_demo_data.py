@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.answers import normalize_answer
+from pipeline.compare.answers import normalize_answer
 from pipeline.demo import EVAL_PARQUET, MODEL_DIR
 from pipeline.demo import scenes as S
 

@@ -342,7 +342,7 @@ def test_llava_video_7b_shape_matches_the_checkpoint_and_a_clip_is_t_196_plus_1_
 
     from pruner.flops import SHAPES
     from pruner.models.llava_onevision import LlavaOnevisionAdapter
-    from pruner.profiling import random_clips, shape_processor
+    from pipeline.bench.profiling import random_clips, shape_processor
 
     build, vision, n = SHAPES["llava-video-7b"]
     cfg, default = build(), LlavaOnevisionConfig()

@@ -280,7 +280,7 @@ def test_ctrl_c_writes_the_rows_in_flight_says_so_in_one_line_and_a_rerun_resume
 
 
 def test_the_resume_benchmark_counts_every_row_it_wrote_or_fails(tmp_path):
-    from pipeline.scale import measure, write_finished
+    from pipeline.bench.scale import measure, write_finished
 
     job_id = write_finished(str(tmp_path), rows=1000, rows_per_file=300)
     got = measure(str(tmp_path), job_id, rows=1000)

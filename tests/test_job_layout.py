@@ -2,7 +2,6 @@
 (the GPU must not wait on decoding); on CPUs, in the model actor itself. Both layouts give
 the same rows. A Ray that advertises a GPU on a machine without CUDA runs the GPU layout on
 the CPU, so it is tested here too."""
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray

@@ -4,13 +4,13 @@ import io
 import json
 import os
 import platform
+import runpy
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -318,10 +318,9 @@ def test_the_cpu_model_actors_environment_keeps_freed_memory_instead_of_faulting
     (["--keep", "8", "--rate", "0.5"], "give --keep or --rate, not both"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(local_ray, model_dir, args, message, capsys, tmp_path):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import caption
+    caption = runpy.run_path(str(ROOT / "jobs" / "caption.py"))  # the file a user runs, in this process
 
-    code = caption.main(["--model", model_dir, "--output", str(tmp_path / "never"), *args])
+    code = caption["main"](["--model", model_dir, "--output", str(tmp_path / "never"), *args])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "never").exists()

@@ -93,7 +93,7 @@ def test_shards_answer_every_sample_in_order_and_errors_are_rows(local_ray, mode
 
 @pytest.mark.slow
 def test_the_read_benchmark_reads_and_decodes_every_row_it_wrote(tmp_path, fmt="webdataset"):
-    from pipeline.benchmarks import bench_read
+    from pipeline.bench.job import bench_read
 
     got = bench_read(250, fmt, rows_per_file=100, output=str(tmp_path / "corpus"))
     assert (got["rows"], got["files"]) == (250, 3) and got["rows_per_second"] > 0

@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
-from ..answers import normalize_answer
+from ..compare.answers import normalize_answer
 from . import EVAL_PARQUET, MODEL_DIR
 from . import scenes as S
 from .modeling import N_IMAGE_TOKENS, build_model, build_processor, build_tokenizer, image_features, pixel_values

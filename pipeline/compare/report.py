@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
-    from .compare import CompareConfig
+    from .sweep import CompareConfig
 
 
 def setting_label(method: str, keep: int | None) -> str:

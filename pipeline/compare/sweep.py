@@ -18,7 +18,7 @@ of the same rows in every setting (the first `limit` input rows that all setting
   noise is as large as the differences between budgets, and a rerun must not change the
   answer.
 
-The tables, plots and prose of the report are rendered by `pipeline.report`.
+The tables, plots and prose of the report are rendered by `pipeline.compare.report`.
 """
 from __future__ import annotations
 
@@ -38,12 +38,12 @@ import pyarrow.parquet as pq
 
 from pruner.methods import get_method
 
-from . import job
+from .. import job
 from .answers import answers_match
-from .common import filesystem, saved_pct
-from .config import JobConfig, JobError
-from .demo import EVAL_PARQUET
-from .output import SUMMARY
+from ..common import filesystem, saved_pct
+from ..config import JobConfig, JobError
+from ..demo import EVAL_PARQUET
+from ..output import SUMMARY
 from .report import setting_label, write_report
 
 DEFAULT_METHODS = ("vlm-pruner", "fastv", "dart", "divprune")

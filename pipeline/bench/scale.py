@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import output
-from .numbering import RunFiles
+from .. import output
+from ..numbering import RunFiles
 
 
 def write_finished(folder_uri: str, rows: int, rows_per_file: int, error_every: int = 1000) -> str:
@@ -112,7 +112,7 @@ def write_corpus(folder: str, rows: int, fmt: str, rows_per_file: int = 10_000) 
 def _decode_batch(batch: pa.Table) -> pa.Table:
     """Decode every image as the job does; one row of counts a batch, so that nothing but
     counts reaches the driver."""
-    from .images import decode, image_bytes
+    from ..images import decode, image_bytes
 
     decoded = pixels = 0
     for cell in batch.column("image").to_pylist():
@@ -131,9 +131,9 @@ def measure_read(folder: str, rows: int) -> dict:
     decoded."""
     import ray
 
-    from .inputs import plan_inputs
-    from .job import numbered_rows
-    from .sources import open_source
+    from ..inputs import plan_inputs
+    from ..job import numbered_rows
+    from ..sources import open_source
 
     base = _peak_bytes()
     ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=False)

@@ -1,5 +1,5 @@
 """Measuring tools: timers, peak-memory and prefill meters, KV-cache bytes, random weights
-with a real checkpoint's widths, and a synthetic workload. `pruner.benchmark` uses them.
+with a real checkpoint's widths, and a synthetic workload. `pipeline.bench.runtime` uses them.
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def random_model(shape: str, layers: int | None, processor: Any, dtype: torch.dt
     """Random weights with `shape`'s widths (`pruner.flops.SHAPES`), the LLM cut to `layers`,
     for `processor` (its tokenizer's image token id must lie inside the shape's vocabulary;
     the demo model's does)."""
-    from .flops import SHAPES
+    from pruner.flops import SHAPES
 
     config = SHAPES[shape][0]()
     if layers is not None:
@@ -199,7 +199,7 @@ def random_weights(config: Any, dtype: torch.dtype, device: torch.device, seed: 
     (normal(0, initializer_range) for matrices and embeddings, ones for norm weights, zeros
     for biases): seconds, where transformers' own initialisation of a 7B-wide model takes
     about a minute."""
-    from .models import adapter_class
+    from pruner.models import adapter_class
 
     with torch.device("meta"):
         model = adapter_class(config.model_type).model_class(config).to(dtype)
@@ -233,7 +233,7 @@ def _fill_buffers(model: torch.nn.Module, config: Any, device: torch.device) -> 
 def shape_processor(shape: str) -> Any | None:
     """A processor for `shape` without a download where the demo model's cannot serve:
     LLaVA-OneVision / LLaVA-Video (`onevision_processor`); None for LLaVA-1.5 shapes."""
-    from .flops import SHAPES
+    from pruner.flops import SHAPES
 
     return onevision_processor() if SHAPES[shape][0]().model_type == "llava_onevision" else None
 

@@ -7,7 +7,7 @@ and VLM-Pruner's selection at chunk 16 vs chunk 1 on the model's real layer K-1 
 Settings are measured in interleaved rounds (warm-up rounds, then `repeats` rounds) so that
 load from other processes falls on all of them alike; every figure is the median over
 rounds, spread = max - min. `bench_selection` times each method's selection alone on random
-inputs. The tools (meters, random weights, workload) are in `pruner.profiling`.
+inputs. The tools (meters, random weights, workload) are in `pipeline.bench.profiling`.
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .flops import LLMShape, full_layers, sample_flops
-from .methods import METHODS, Signals
+from pruner.flops import LLMShape, full_layers, sample_flops
+from pruner.methods import METHODS, Signals
 from .profiling import (PeakMemory, PrefillMeter, RandomTower, copy_bandwidth, decode_weight_bytes, kv_bytes, sync,
                         time_runs, workload)
-from .runtime import Decoder, State, collate, prefill
-from .vlm import PrunedVLM
+from pruner.runtime import Decoder, State, collate, prefill
+from pruner.vlm import PrunedVLM
 
 # ---------------------------------------------------------------------- selection alone
 
@@ -75,7 +75,7 @@ def bench_selection_batches(n: int, dim: int, keeps: list[int], batches: list[in
     batch for each backend x batch x keep, in interleaved rounds (one untimed round first).
     Before timing, each backend's tokens are compared with the torch backend's on the same
     inputs ("same": samples with identical indices)."""
-    from .methods import vlm_pruner
+    from pruner.methods import vlm_pruner
 
     side = _side(n)
     device = torch.device(device)

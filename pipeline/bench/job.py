@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .common import filesystem
+from ..common import filesystem
 
 
 def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
@@ -34,7 +34,7 @@ def bench_pipeline(rows: int, batch_size: int, max_new_tokens: int, output: str,
     loop's model load; the job's `ray.init`, actor start-up and model load)."""
     import pyarrow.parquet as pq
 
-    from .demo import EVAL_PARQUET
+    from ..demo import EVAL_PARQUET
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -73,7 +73,7 @@ def _loop(table: list[dict], batch_size: int, max_new_tokens: int) -> dict:
 
     from pruner import PrunedVLM
 
-    from .demo import MODEL_DIR
+    from ..demo import MODEL_DIR
 
     start = time.perf_counter()
     vlm = PrunedVLM.from_pretrained(str(MODEL_DIR), method="vlm-pruner", keep=64)
@@ -91,7 +91,7 @@ def _job(rows: int, batch_size: int, max_new_tokens: int, output: str, threads_p
     """The caption job on the same rows from a cold Ray start (`--overwrite`)."""
     import ray
 
-    from .job import JobConfig, actor_threads, run
+    from ..job import JobConfig, actor_threads, run
 
     cfg = JobConfig(output=output, limit=rows, batch_size=batch_size, overwrite=True,
                     max_new_tokens=max_new_tokens, threads_per_actor=threads_per_actor, compile=compile)
@@ -142,14 +142,14 @@ def _median(xs: list[float]) -> float:
 
 def bench_resume(rows: int, rows_per_file: int, output: str | None = None) -> dict:
     """The driver's resume bookkeeping and summary at `rows` finished rows (no model), measured
-    in a fresh process so that its peak memory is this work's alone (`pipeline.scale`)."""
+    in a fresh process so that its peak memory is this work's alone (`pipeline.bench.scale`)."""
     from .scale import write_finished
 
     folder = output or tempfile.mkdtemp(prefix="resume-scale-")
     start = time.perf_counter()
     job_id = write_finished(folder, rows, rows_per_file)
     print(f"wrote {rows:,} finished rows in {time.perf_counter() - start:.0f} s to {folder}", file=sys.stderr)
-    code = f"import json; from pipeline.scale import measure; print(json.dumps(measure({folder!r}, {job_id!r}, {rows})))"
+    code = f"import json; from pipeline.bench.scale import measure; print(json.dumps(measure({folder!r}, {job_id!r}, {rows})))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -157,7 +157,7 @@ def bench_resume(rows: int, rows_per_file: int, output: str | None = None) -> di
 
 def bench_read(rows: int, fmt: str, rows_per_file: int, output: str | None = None) -> dict:
     """Reading a corpus of `rows` small images (no model), measured in a fresh process so that
-    the driver's peak memory is this work's alone (`pipeline.scale`)."""
+    the driver's peak memory is this work's alone (`pipeline.bench.scale`)."""
     from .scale import write_corpus
 
     folder = output or tempfile.mkdtemp(prefix=f"read-{fmt}-")
@@ -165,7 +165,7 @@ def bench_read(rows: int, fmt: str, rows_per_file: int, output: str | None = Non
         start = time.perf_counter()
         write_corpus(folder, rows, fmt, rows_per_file)
         print(f"wrote {rows:,} rows as {fmt} in {time.perf_counter() - start:.0f} s to {folder}", file=sys.stderr)
-    code = f"import json; from pipeline.scale import measure_read; print(json.dumps(measure_read({folder!r}, {rows})))"
+    code = f"import json; from pipeline.bench.scale import measure_read; print(json.dumps(measure_read({folder!r}, {rows})))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
@@ -181,10 +181,10 @@ def load_model(shape: str | None, layers: int | None, model: str | None, dtype: 
     from transformers import AutoProcessor
 
     from pruner import PrunedVLM
-    from pruner.profiling import random_model, random_vision_tower, shape_processor
+    from .profiling import random_model, random_vision_tower, shape_processor
     from pruner.vlm import placement
 
-    from .demo import MODEL_DIR
+    from ..demo import MODEL_DIR
 
     device, dtype = placement(device, dtype and getattr(torch, dtype))
     if shape:
@@ -200,7 +200,7 @@ def load_model(shape: str | None, layers: int | None, model: str | None, dtype: 
 
 def scene_images(n: int, seed: int = 0) -> list:
     """n distinct seeded synthetic scenes (the demo data's renderer)."""
-    from .demo import scenes
+    from ..demo import scenes
 
     rng = random.Random(seed)
     return [scenes.render(scenes.sample_scene(rng)) for _ in range(n)]
