@@ -1,6 +1,6 @@
 """The comparison's report: Markdown and self-contained HTML tables, the recommendation in
 words, the two plots and results.parquet, all rendered from the per-setting result dicts
-that `pipeline.compare` measures (results[0] is the unpruned reference, keep None).
+that `pipeline.compare.sweep` measures (results[0] is the unpruned reference, keep None).
 
 Rendering only: nothing here runs a setting or reads a run's rows.
 """

@@ -85,9 +85,9 @@ def render_frames(story: Story) -> np.ndarray:
 def encode_video(frames: np.ndarray, fps: int = FPS, codec: str = "mpeg4", fmt: str = "mp4") -> bytes:
     """uint8 [T, H, W, 3] to MPEG-4 Part 2 in MP4 (by default), in memory.
 
-    FFmpeg's own mpeg4 encoder, not libx264: x264 gave bytes that vary with the process's
-    heap state (same frames, same process, other bytes after unrelated allocations), while
-    mpeg4 is reproducible. Bit-exact flags keep FFmpeg's version string out of the bytes.
+    FFmpeg's own mpeg4 encoder, not libx264: x264's bytes vary with the process's heap state
+    (same frames, same process, other bytes after unrelated allocations), while mpeg4's are
+    reproducible. Bit-exact flags keep FFmpeg's version string out of the bytes.
     """
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt, options={"fflags": "+bitexact"}) as container:

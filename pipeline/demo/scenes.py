@@ -39,8 +39,8 @@ BACKGROUNDS = ((255, 255, 255), (205, 205, 205), (240, 230, 205), (70, 70, 70))
 # Objects sit on the patch grid: a small one inside one 14 px patch, a large one centred on a
 # grid corner so that it covers 2x2 patches. Every patch an object touches then shows a
 # distinctive piece of its outline (the whole shape, or one quadrant of it), which a small
-# vision tower learns within minutes; objects spanning 7x7 patches left interior patches
-# whose shape only attention over the whole object reveals, and shape was never learnt.
+# vision tower learns within minutes. An object spanning 7x7 patches would leave interior
+# patches whose shape only attention over the whole object reveals, which it does not learn.
 RADIUS = {"small": (6, 6), "large": (10, 12)}  # half-extent in pixels, per size
 JITTER = 1  # pixels off the grid
 EDGE_BAND = 56  # small objects have their centre within this many pixels of an edge

@@ -13,9 +13,9 @@ Why it is built this way:
 - Background dropping (`drop_background`): the QA stage starts with 32 image tokens (every
   object patch plus random background, at their original positions) and grows to all 576.
   At 576 an untrained LLM's attention is spread over ~560 identical background tokens, and
-  it learns neither to read the question's words nor to find the objects: trained on all 576
-  from the start, the model plateaued at 53 % on eval rows 0-99 after 73 minutes; with
-  background dropping it reached 74 % in 7 minutes and 89 % in 42.
+  it learns neither to read the question's words nor to find the objects (trained on all 576
+  from the start it plateaus far below the committed model; the learning curves are in
+  docs/performance.md).
 - RoPE base 1e6, balanced yes/no existence questions, a training-only caption in shape
   order (`by_shape`), a curriculum over the number of objects, lr warm-up then cosine.
 
@@ -85,7 +85,7 @@ class PatchHeads(torch.nn.Module):
 
         Objects cover ~2 % of the patches, so every loss is averaged over object patches;
         colour (which also says "object or not") adds the background patches' mean as a
-        separate term. Averaged over all patches, the object patches' gradient was too
+        separate term. Averaged over all patches, the object patches' gradient is too
         diluted to learn from.
         """
         obj = labels[..., 0] > 0  # [B, 576]
@@ -120,12 +120,10 @@ def by_shape(scene: S.Scene) -> str:
     """Training-only caption in shape order, shape before colour: "circle red, square blue".
 
     Why: the caption ("red circle, blue square") teaches the LLM to find an object by the
-    colour word just before, and it did; but it never learnt to find one by a shape word:
-    "is there a red circle?" was answered from whether red was present (P(yes) 0.52 whether
-    or not a circle was), and "what color is the circle?" stayed at chance. Listing by shape
-    puts the shape word right before the colour to be looked up, as captions do for colour.
-    With it (and a longer run; its own share is not isolated) existence reached 95 % and
-    colour 49 % on the eval split.
+    colour word just before it, but not by a shape word: trained on captions alone, it
+    answers "is there a red circle?" from whether red is present, and "what color is the
+    circle?" at chance. Listing by shape puts the shape word right before the colour to be
+    looked up, as captions do for colour.
     """
     objs = sorted(scene.objects, key=lambda o: (S.SHAPE_NAMES.index(o.shape), S.COLOR_NAMES.index(o.color)))
     return ", ".join(f"{o.shape} {o.color}" for o in objs)
