@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from pruner.methods import METHODS, get_method
@@ -175,35 +173,6 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def model_fingerprint(model: str) -> str | None:
-    """A digest of the checkpoint's files, so that a changed checkpoint at the same path is a
-    different configuration. Small files (configs, tokenizer, processor) are hashed whole;
-    weight files above 64 MiB by their size, their first and last 8 MiB and the safetensors
-    header, which lists every tensor, so that hashing a 15 GB checkpoint takes well under a
-    second. A hub name is fingerprinted by its cached snapshot's revision, None when absent."""
-    if not os.path.isdir(model):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return "hub:" + Path(snapshot_download(model, local_files_only=True)).name
-        except Exception:
-            return None
-    h = hashlib.sha256()
-    for path in sorted(Path(model).rglob("*")):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        size = path.stat().st_size
-        h.update(f"{path.relative_to(model).as_posix()}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            if size <= 64 << 20:
-                h.update(f.read())
-                continue
-            h.update(f.read(8 << 20))
-            f.seek(size - (8 << 20))
-            h.update(f.read())
-    return h.hexdigest()[:32]
 
 
 # ---------------------------------------------------------------------- command line

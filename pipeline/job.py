@@ -5,7 +5,8 @@ read -> number rows, skip done ones -> ids, decode + preprocess -> model actors 
 With GPUs, preprocessing runs in CPU workers ahead of the model actors; on CPUs, inside them.
 
 Before any work the output folder is checked and locked, and its manifest compared with
-this configuration (`pipeline.output` says what the folder holds).
+this configuration (`pipeline.output` says what the folder holds, `pipeline.manifest` how
+a configuration is recorded).
 """
 from __future__ import annotations
 
@@ -15,27 +16,24 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 
 from . import output as out_
 from .common import saved_pct
-from .config import ANSWER_FIELDS, JobConfig, JobError, model_fingerprint
+from .config import JobConfig, JobError
+from .manifest import configuration, open_manifest, refuse_another, write_manifest
 from .sources import Source, SourceError, open_source
 from .inputs import InputPlan, plan_inputs
 from .numbering import Numberer, RunFiles, StopFlag
 from .progress import report_progress
+from .schema import INPUT_ROW
 from .stages import Answerer, Columns, CompileSeconds, Preparer
-
-MANIFEST_VERSION = 1
 
 
 def columns(cfg: JobConfig, source: Source) -> Columns:
@@ -58,55 +56,6 @@ def columns(cfg: JobConfig, source: Source) -> Columns:
     return Columns(image=image, video=video, question=question, id=id_col, default_question=cfg.question)
 
 
-def differences(stored: dict, now: dict) -> list[str]:
-    """`name: old -> new` for each answer-deciding field that differs."""
-    names = [n for n in (*ANSWER_FIELDS, "model_fingerprint") if stored.get(n) != now.get(n)]
-    return [f"{n}: {stored.get(n)!r} -> {now.get(n)!r}" for n in names]
-
-
-def _configuration(cfg: JobConfig) -> dict:
-    """What the manifest records: the answer-deciding fields and the model's fingerprint."""
-    return {**cfg.answer_config(), "model_fingerprint": model_fingerprint(cfg.model)}
-
-
-def changed(cfg: JobConfig) -> list[str]:
-    """How the configuration stored in cfg.output differs from cfg (empty when it does not, or
-    when the folder holds no job yet)."""
-    stored = out_.Folder(cfg.output).read_json(out_.MANIFEST)
-    return [] if stored is None else differences(stored.get("config", {}), _configuration(cfg))
-
-
-def _refuse(folder: out_.Folder, diff: list[str]) -> JobError:
-    return JobError(f"{folder.uri} holds a run with another configuration ({'; '.join(diff)}); "
-                    f"pass --overwrite to start over, or use another --output")
-
-
-def read_rows(cfg: JobConfig, columns: list[str] | None = None) -> pa.Table:
-    """Every row the job has written to cfg.output (only its own files)."""
-    folder = out_.Folder(cfg.output)
-    manifest = folder.read_json(out_.MANIFEST)
-    files = folder.own_files(manifest["job_id"]) if manifest else []
-    tables = [t for _, t in out_.own_tables(folder, files, columns)]
-    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-
-
-def open_manifest(folder: out_.Folder, cfg: JobConfig) -> dict:
-    """The manifest this run writes under: the stored one when the configuration is the same,
-    a new one (new job id) for an empty folder or with --overwrite. Raises JobError when the
-    folder holds another configuration."""
-    now = _configuration(cfg)
-    stored = folder.read_json(out_.MANIFEST)
-    if stored is not None and not cfg.overwrite:
-        diff = differences(stored.get("config", {}), now)
-        if diff:
-            raise _refuse(folder, diff)
-        return {**stored, "runs": stored.get("runs", 0) + 1}
-    if stored is not None or cfg.overwrite:
-        out_.clear(folder, (stored or {}).get("job_id"))
-    return {"version": MANIFEST_VERSION, "job_id": uuid.uuid4().hex[:12], "runs": 1, "config": now,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
 def run(cfg: JobConfig) -> dict:
     """Run the job to completion; returns (and writes) the summary. Raises JobError, before
     any work, for an unusable output folder, one that another run holds, one that holds
@@ -116,9 +65,9 @@ def run(cfg: JobConfig) -> dict:
     folder = out_.Folder(cfg.output)
     folder.check(cfg.input)  # before Ray starts: nothing is written yet
     out_.Lock(folder).check()
-    diff = [] if cfg.overwrite else changed(cfg)
-    if diff:
-        raise _refuse(folder, diff)
+    now = configuration(cfg)  # what the manifest records; it hashes the model's files, so once a run
+    if not cfg.overwrite:
+        refuse_another(folder, now)
     if not ray.is_initialized():
         ray.init(logging_level="ERROR", log_to_driver=False)
     try:
@@ -128,12 +77,12 @@ def run(cfg: JobConfig) -> dict:
     cols = columns(cfg, source)
     folder.create()
     with out_.Lock(folder), RunFiles() as files:
-        manifest = open_manifest(folder, cfg)
+        manifest = open_manifest(folder, now, cfg.overwrite)
         plan = plan_inputs(source, manifest.get("inputs"))
         manifest["inputs"] = plan.record
         scope = plan.scope(cfg.limit)
         done = out_.prepare_resume(folder, manifest["job_id"], scope, cfg.retry_errors)
-        folder.write_json(out_.MANIFEST, manifest)
+        write_manifest(folder, manifest)
         files.write(plan.table(), done.rows)
         prefix = out_.file_prefix(manifest["job_id"], manifest["runs"])
         start = time.perf_counter()
@@ -337,7 +286,7 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
         print(summary["bound_by"], file=sys.stderr)
     if t.repeated_ids:
         print(f"warning: {t.repeated_ids} rows repeat another row's id ({cfg.id_column or 'id'}); each input row "
-              f"still has its own output row (column input_row)", file=sys.stderr)
+              f"still has its own output row (column {INPUT_ROW})", file=sys.stderr)
     if missing:
         print(f"warning: {len(missing)} input files answered before are gone ({', '.join(missing[:3])}"
               f"{', ...' if len(missing) > 3 else ''}); their rows stay in {cfg.output}", file=sys.stderr)

@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 
+from . import schema as col
+
 PLAN, DONE = "plan.arrow", "done.npy"
 
 
@@ -103,9 +105,9 @@ class Numberer:
         file = np.searchsorted(self.starts, read, side="right") - 1  # [n] index into the plan's files
         source_row = read - self.starts[file]
         rows = self.first_rows[file] + source_row
-        batch = set_column(batch, "input_row", pa.array(rows))
-        batch = set_column(batch, "source_file", self.names.take(pa.array(file)))
-        batch = set_column(batch, "source_row", pa.array(source_row))
+        batch = set_column(batch, col.INPUT_ROW, pa.array(rows))
+        batch = set_column(batch, col.SOURCE_FILE, self.names.take(pa.array(file)))
+        batch = set_column(batch, col.SOURCE_ROW, pa.array(source_row))
         if self.stop.is_set():
             return batch.slice(0, 0)
         inside = rows < len(self.done)

@@ -1,10 +1,11 @@
 """The output folder: the record of one job configuration, holding only what the job wrote.
 
     _job.json                             manifest: job id, the answer-deciding configuration,
-                                          the model's fingerprint, how many runs wrote here
+                                          the model's fingerprint, how many runs wrote here,
+                                          the input files met (`pipeline.manifest`)
     _job.lock                             while a run holds the folder: host, pid, heartbeat
     _summary.json                         written at the end of every run
-    labels-<job id>-r<run>-<...>.parquet  the rows, one per input row
+    labels-<job id>-r<run>-<...>.parquet  the rows, one per input row (columns: `pipeline.schema`)
     _partial/                             this job's files that a killed run left unreadable
 
 Every other file is the user's: never read as output, moved or deleted. Rows are tracked by
@@ -33,6 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.datasource import FilenameProvider
 
+from . import schema as col
 from .common import JobError, filesystem, first_line, glob_root
 
 MANIFEST = "_job.json"
@@ -288,7 +290,7 @@ class Done:
     """Input rows (by position) that already have an output row, after any error rows to be
     retried were removed."""
 
-    rows: np.ndarray  # bool [max row + 1]
+    rows: np.ndarray  # bool [max input_row + 1]
     count: int
     retried: int  # error rows removed so that this run does them again
     moved_aside: list[str] = field(default_factory=list)
@@ -334,17 +336,16 @@ def set_aside_unreadable(folder: Folder, job_id: str) -> list[str]:
 
 def prepare_resume(folder: Folder, job_id: str, scope: np.ndarray | None, retry_errors: bool) -> Done:
     """What this run may skip. With `retry_errors`, error rows this run reads (`scope`, bool by
-    input_row; None: every row) are
-    removed from their files first (each file rewritten to a temporary name and moved over the
-    original), so that the folder never holds two rows for one input row, even if this run is
-    killed half-way: a removed row is simply not done yet."""
+    input_row; None: every row) are removed from their files first (each file rewritten to a
+    temporary name and moved over the original), so that the folder never holds two rows for
+    one input row, even if this run is killed half-way: a removed row is simply not done yet."""
     moved = set_aside_unreadable(folder, job_id)
     rows_seen: list[np.ndarray] = []
     retried = 0
-    for path, table in own_tables(folder, folder.own_files(job_id), ["input_row", "error"]):
-        rows = table.column("input_row").to_numpy()
+    for path, table in own_tables(folder, folder.own_files(job_id), [col.INPUT_ROW, col.ERROR]):
+        rows = table.column(col.INPUT_ROW).to_numpy()
         if retry_errors:
-            drop = pc.is_valid(table.column("error")).to_numpy(zero_copy_only=False)
+            drop = pc.is_valid(table.column(col.ERROR)).to_numpy(zero_copy_only=False)
             if scope is not None:
                 read = np.zeros_like(drop)
                 read[rows < len(scope)] = scope[rows[rows < len(scope)]]
@@ -410,27 +411,27 @@ def totals(folder: Folder, job_id: str, run: int) -> Totals:
     t = Totals()
     ids = []  # per file: 64-bit hashes of the ids
     seen = np.zeros(0, bool)  # input positions with a row
-    cols = ["input_row", "id", "error", "image_tokens_kept", "flops_total", "flops_total_unpruned", "seconds",
-            "preprocess_seconds"]
+    cols = [col.INPUT_ROW, col.ID, col.ERROR, col.IMAGE_TOKENS_KEPT, col.FLOPS_TOTAL, col.FLOPS_TOTAL_UNPRUNED,
+            col.SECONDS, col.PREPROCESS_SECONDS]
     for path, table in own_tables(folder, folder.own_files(job_id), cols):
-        err = pc.is_valid(table.column("error"))
+        err = pc.is_valid(table.column(col.ERROR))
         n_err = int(pc.sum(err).as_py() or 0)
         t.rows += table.num_rows
         t.errors += n_err
         if run_of(path) == run:
             t.processed += table.num_rows
             t.errors_this_run += n_err
-            t.model_seconds += float(pc.sum(table.column("seconds")).as_py() or 0)
-            t.preprocess_seconds += float(pc.sum(table.column("preprocess_seconds")).as_py() or 0)
+            t.model_seconds += float(pc.sum(table.column(col.SECONDS)).as_py() or 0)
+            t.preprocess_seconds += float(pc.sum(table.column(col.PREPROCESS_SECONDS)).as_py() or 0)
         ok = table.filter(pc.invert(err))
         t.ok += ok.num_rows
-        for name, attr in (("image_tokens_kept", "kept_sum"), ("flops_total", "flops"),
-                           ("flops_total_unpruned", "flops_unpruned")):
+        for name, attr in ((col.IMAGE_TOKENS_KEPT, "kept_sum"), (col.FLOPS_TOTAL, "flops"),
+                           (col.FLOPS_TOTAL_UNPRUNED, "flops_unpruned")):
             setattr(t, attr, getattr(t, attr) + int(pc.sum(ok.column(name)).as_py() or 0))
         # ids as 64-bit hashes: 8 bytes a row instead of the strings (a collision among 10M ids
         # has a chance of about 3e-6, and would only undercount repeats by one)
-        ids.append(np.fromiter(map(hash, table.column("id").to_pylist()), np.int64, table.num_rows))
-        rows = table.column("input_row").to_numpy()
+        ids.append(np.fromiter(map(hash, table.column(col.ID).to_pylist()), np.int64, table.num_rows))
+        rows = table.column(col.INPUT_ROW).to_numpy()
         if rows.size and rows.max() >= seen.size:
             seen = np.concatenate([seen, np.zeros(max(int(rows.max()) + 1 - seen.size, seen.size), bool)])
         unique = np.unique(rows)

@@ -27,7 +27,8 @@ from .config import COMPILE, DEFAULT_QUESTION, JobConfig
 from .images import BadImage, decode, image_bytes
 from .common import first_line
 from .numbering import StopFlag, set_column
-from .schema import ERROR, NOTE, OUTPUT_COLUMNS, PREP_SECONDS, PREPARED, output_table
+from . import schema as col
+from .schema import OUTPUT_COLUMNS, PREP_ERROR, PREP_NOTE, PREP_SECONDS, PREPARED, output_table
 from .urls import (DEFAULT_FETCH_RETRIES, DEFAULT_FETCH_TIMEOUT, MAX_IMAGE_BYTES, MAX_VIDEO_BYTES, Body,
                    FetchError, Fetcher)
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES, decode_video, video_bytes
@@ -62,8 +63,8 @@ def assign_ids(batch: pa.Table, cols: Columns) -> pa.Table:
     else:
         images = batch.column(cols.media).to_pylist()
         ids = pa.array([_content_id(img, q) for img, q in zip(images, questions.to_pylist())], pa.string())
-    batch = set_column(batch, "id", ids)
-    return set_column(batch, "question", questions)
+    batch = set_column(batch, col.ID, ids)
+    return set_column(batch, col.QUESTION, questions)
 
 
 def _content_id(image: Any, question: str) -> str:
@@ -113,16 +114,16 @@ class Preparer:
         start = time.process_time()
         cols = self.cols
         batch = assign_ids(batch, cols)
-        read = batch.column(ERROR).to_pylist() if ERROR in batch.column_names else [None] * batch.num_rows
+        read = batch.column(PREP_ERROR).to_pylist() if PREP_ERROR in batch.column_names else [None] * batch.num_rows
         cells = self.fetcher.fetch_all(batch.column(cols.media).to_pylist())  # URLs: their bodies, or why not
         rows = [(None, None, why) if why else self._one(cell, q)  # a reader's error (a damaged shard) stands
-                for cell, q, why in zip(cells, batch.column("question").to_pylist(), read)]
+                for cell, q, why in zip(cells, batch.column(col.QUESTION).to_pylist(), read)]
         samples, notes, errors = (list(x) for x in zip(*rows)) if rows else ([], [], [])
         batch = batch.drop_columns([cols.media])
-        batch = set_column(batch, NOTE, pa.array(notes, pa.string()))
+        batch = set_column(batch, PREP_NOTE, pa.array(notes, pa.string()))
         cpu = (time.process_time() - start) / max(batch.num_rows, 1)
         batch = set_column(batch, PREP_SECONDS, pa.array([cpu] * batch.num_rows, pa.float64()))
-        return set_column(batch, ERROR, pa.array(errors, pa.string())), samples
+        return set_column(batch, PREP_ERROR, pa.array(errors, pa.string())), samples
 
     def _one(self, cell: Any, question: str) -> tuple[Sample | None, str | None, str | None]:
         """(sample, note, error) of one row; never raises. A URL's cell is its fetched `Body`,
@@ -214,38 +215,39 @@ class Answerer:
             batch, given = self.prepare.samples(batch)
         else:
             given = [None if b is None else deserialize(b) for b in batch.column(PREPARED).to_pylist()]
-        errors = batch.column(ERROR).to_pylist()
-        samples = self._samples(given, batch.column("question").to_pylist(), errors)
+        errors = batch.column(PREP_ERROR).to_pylist()
+        samples = self._samples(given, batch.column(col.QUESTION).to_pylist(), errors)
         results = self._generate(samples)
         seconds = (time.perf_counter() - start) / max(batch.num_rows, 1)
         rows = [self._row(results.get(i, errors[i]), seconds) for i in range(batch.num_rows)]
         columns = {name: [r.get(name) for r in rows] for name in OUTPUT_COLUMNS}
-        for name in ("id", "input_row", "source_file", "source_row", "question"):
+        for name in (col.ID, col.INPUT_ROW, col.SOURCE_FILE, col.SOURCE_ROW, col.QUESTION):
             if name in batch.column_names:  # the numbering stage adds the row's origin
                 columns[name] = batch.column(name).to_pylist()
-        columns["note"] = [n if r.get("error") is None else None
-                           for n, r in zip(batch.column(NOTE).to_pylist(), rows)]
-        columns["preprocess_seconds"] = batch.column(PREP_SECONDS).to_pylist()
-        passthrough = batch.drop_columns([c for c in (PREPARED, ERROR, NOTE, PREP_SECONDS) if c in batch.column_names])
+        columns[col.NOTE] = [n if r.get(col.ERROR) is None else None
+                             for n, r in zip(batch.column(PREP_NOTE).to_pylist(), rows)]
+        columns[col.PREPROCESS_SECONDS] = batch.column(PREP_SECONDS).to_pylist()
+        carried = (PREPARED, PREP_ERROR, PREP_NOTE, PREP_SECONDS)
+        passthrough = batch.drop_columns([c for c in carried if c in batch.column_names])
         return output_table(columns, passthrough)
 
     def _row(self, result: Generation | str, seconds: float) -> dict[str, Any]:
         """The output columns of one row: a generation, or the reason there is none."""
-        row = {"model": self.cfg.model_name, "method": self.cfg.method, "prune_layer": self.cfg.prune_layer,
-               "seconds": seconds}
+        row = {col.MODEL: self.cfg.model_name, col.METHOD: self.cfg.method, col.PRUNE_LAYER: self.cfg.prune_layer,
+               col.SECONDS: seconds}
         if isinstance(result, str):
-            return {**row, "error": result}
+            return {**row, col.ERROR: result}
         f = result.flops
-        return {**row, "answer": result.text,
-                "keep": result.image_tokens_kept if self.prunes else None,  # the budget applied, truthfully
-                "image_tokens": result.image_tokens, "image_tokens_kept": result.image_tokens_kept,
-                "prompt_tokens": result.prompt_tokens, "prompt_tokens_kept": result.prompt_tokens_kept,
-                "generated_tokens": result.generated_tokens, "frames": result.frames,
-                **({} if f is None else {"flops_vision": f.flops_vision, "flops_prefill": f.flops_prefill,
-                                         "flops_decode": f.flops_decode, "flops_total": f.flops_total,
-                                         "flops_total_unpruned": f.flops_total_unpruned,
-                                         "paper_prefill_flops": f.paper_prefill,
-                                         "paper_prefill_flops_unpruned": f.paper_prefill_unpruned})}
+        return {**row, col.ANSWER: result.text,
+                col.KEEP: result.image_tokens_kept if self.prunes else None,  # the budget applied, truthfully
+                col.IMAGE_TOKENS: result.image_tokens, col.IMAGE_TOKENS_KEPT: result.image_tokens_kept,
+                col.PROMPT_TOKENS: result.prompt_tokens, col.PROMPT_TOKENS_KEPT: result.prompt_tokens_kept,
+                col.GENERATED_TOKENS: result.generated_tokens, col.FRAMES: result.frames,
+                **({} if f is None else {col.FLOPS_VISION: f.flops_vision, col.FLOPS_PREFILL: f.flops_prefill,
+                                         col.FLOPS_DECODE: f.flops_decode, col.FLOPS_TOTAL: f.flops_total,
+                                         col.FLOPS_TOTAL_UNPRUNED: f.flops_total_unpruned,
+                                         col.PAPER_PREFILL_FLOPS: f.paper_prefill,
+                                         col.PAPER_PREFILL_FLOPS_UNPRUNED: f.paper_prefill_unpruned})}
 
     def _samples(self, given: list[Sample | None], questions: list[str],
                  errors: list[str | None]) -> dict[int, Prepared]:

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 from ray.data.datasource import FileBasedDatasource
 
 from .common import first_line
-from .schema import ERROR
+from .schema import PREP_ERROR
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "m4v", "mov", "mkv", "webm", "avi")
@@ -35,7 +35,7 @@ def _key_ext(name: str) -> tuple[str, str] | tuple[None, None]:
 
 def samples(f: Any, size: int, read_data: bool = True) -> Iterator[dict]:
     """Each sample of a shard (`f` a seekable file of `size` bytes) as {"key": str, ext: bytes,
-    ...}; when the shard is damaged, then one {"key": None, ERROR: reason}. Without
+    ...}; when the shard is damaged, then one {"key": None, PREP_ERROR: reason}. Without
     `read_data` the members' values are None and only headers are read."""
     sample: dict = {}
     count = 0
@@ -59,7 +59,7 @@ def samples(f: Any, size: int, read_data: bool = True) -> Iterator[dict]:
         if len(sample) > 1:  # what was read of the sample the damage cut
             yield sample
             count += 1
-        yield {"key": None, ERROR: f"shard damaged after {count} samples: {first_line(e)}"}
+        yield {"key": None, PREP_ERROR: f"shard damaged after {count} samples: {first_line(e)}"}
         return
     if sample:
         yield sample
@@ -99,7 +99,7 @@ def rows(sample: dict, json_fields: list[str]) -> dict[str, Any]:
         meta = {}
     meta = meta if isinstance(meta, dict) else {}
     row = {"key": sample["key"], "image": image, "video": video,
-           TEXT: None if text is None else text.decode("utf-8", "replace"), ERROR: sample.get(ERROR)}
+           TEXT: None if text is None else text.decode("utf-8", "replace"), PREP_ERROR: sample.get(PREP_ERROR)}
     for name in json_fields:
         value = meta.get(name)
         row[name] = value if value is None or isinstance(value, str) else json.dumps(value)
@@ -108,8 +108,8 @@ def rows(sample: dict, json_fields: list[str]) -> dict[str, Any]:
 
 def schema(json_fields: list[str]) -> pa.Schema:
     return pa.schema([("key", pa.string()), ("image", pa.binary()), ("video", pa.binary()), (TEXT, pa.string()),
-                      (ERROR, pa.string()), *[(n, pa.string()) for n in json_fields if n not in
-                                              ("key", "image", "video", TEXT, ERROR)]])
+                      (PREP_ERROR, pa.string()), *[(n, pa.string()) for n in json_fields if n not in
+                                                   ("key", "image", "video", TEXT, PREP_ERROR)]])
 
 
 class ShardDatasource(FileBasedDatasource):

@@ -23,7 +23,7 @@ from pipeline.compare.answers import answers_match, normalize_answer
 from pipeline.compare.sweep import CompareConfig, paired_drop, recommend
 from pipeline.demo import EVAL_PARQUET
 from pipeline.images import decode
-from pipeline.job import JobConfig, JobError
+from pipeline.config import JobConfig, JobError
 from pipeline.compare.report import COLUMNS, recommendation_text, write_report
 from pruner import PrunedVLM
 

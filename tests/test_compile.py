@@ -175,7 +175,8 @@ def test_the_caption_job_compiles_once_per_actor_and_reports_it(local_ray, model
     """--compile on: the model actor compiles in its constructor, the summary says how long,
     and the answers are --compile off's."""
     from pipeline.config import JobConfig
-    from pipeline.job import read_rows, run
+    from pipeline.job import run
+    from pipeline.manifest import read_rows
 
     data = tmp_path / "data.parquet"
     tiny.write_parquet(tiny.good_rows(6), data)

@@ -20,7 +20,8 @@ from tiny import good_rows, png, table_of, write_parquet
 from pipeline import output
 from pipeline.config import JobConfig, JobError
 from pipeline.inputs import plan_inputs
-from pipeline.job import read_rows, run
+from pipeline.job import run
+from pipeline.manifest import read_rows
 from pipeline.sources import InputFile, Source, SourceError, input_kind, open_source
 from pipeline.stages import Answerer, Columns, Preparer
 

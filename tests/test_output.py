@@ -15,9 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline import output
+from pipeline import manifest, output
 from pipeline.config import JobConfig, JobError
-from pipeline.job import bound_by, read_rows, run, stage_seconds
+from pipeline.job import bound_by, run, stage_seconds
+from pipeline.manifest import read_rows
+from pipeline.schema import OUTPUT_SCHEMA
 from tiny import good_rows, table_of, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +106,17 @@ def test_a_live_hold_refuses_and_a_dead_one_is_taken_over(tmp_path):
         pass
 
 
+def test_the_files_keep_their_column_names_order_and_types():
+    """A folder written before is read and resumed by this code: the fixed columns are the file format."""
+    assert " ".join(f"{f.name}:{f.type}" for f in OUTPUT_SCHEMA) == (
+        "id:string input_row:int64 source_file:string source_row:int64 question:string answer:string "
+        "error:string model:string method:string keep:int32 prune_layer:int32 image_tokens:int32 "
+        "image_tokens_kept:int32 prompt_tokens:int32 prompt_tokens_kept:int32 generated_tokens:int32 "
+        "frames:int32 note:string flops_vision:int64 flops_prefill:int64 flops_decode:int64 flops_total:int64 "
+        "flops_total_unpruned:int64 paper_prefill_flops:int64 paper_prefill_flops_unpruned:int64 "
+        "seconds:double preprocess_seconds:double")
+
+
 def test_keep_and_rate_are_resolved_once(model_dir):
     assert JobConfig(model=model_dir).keep == 64 and JobConfig(model=model_dir, rate=0.5).keep is None
     assert JobConfig(model=model_dir, method="none").keep is None
@@ -131,7 +144,9 @@ def test_stage_seconds_add_up_and_name_the_bound():
 
 
 @pytest.mark.slow
-def test_configurations_are_never_mixed(local_ray, model_dir, data, tmp_path):
+def test_configurations_are_never_mixed(local_ray, model_dir, data, tmp_path, monkeypatch):
+    hashed, fingerprint = [], manifest.model_fingerprint  # the model each hash read
+    monkeypatch.setattr(manifest, "model_fingerprint", lambda model: hashed.append(model) or fingerprint(model))
     out = tmp_path / "o"
     run(job(model_dir, data, out, limit=4))
     with pytest.raises(JobError) as e:
@@ -151,8 +166,11 @@ def test_configurations_are_never_mixed(local_ray, model_dir, data, tmp_path):
         run(job(str(copy), data, out2))
 
     # options that do not change answers may differ; --overwrite starts over with the new configuration
+    hashed.clear()
     again = run(job(model_dir, data, out, batch_size=2, rows_per_file=1))
     assert (again["rows"], again["processed"], again["skipped"]) == (8, 4, 4)
+    # reading a large checkpoint takes seconds: one hash serves the check before Ray and the manifest
+    assert len(hashed) == 1
     summary = run(job(model_dir, data, out, method="fastv", keep=4, overwrite=True, limit=4))
     got = rows_of(out)
     assert {r["method"] for r in got} == {"fastv"} and len(got) == 4 == summary["rows"]

@@ -20,7 +20,8 @@ from PIL import Image
 import tiny
 from tiny import good_rows, png, table_of, write_parquet
 from pipeline.config import JobConfig, JobError
-from pipeline.job import actor_threads, columns, cpu_actor_env, pipeline, read_rows, run
+from pipeline.job import actor_threads, columns, cpu_actor_env, pipeline, run
+from pipeline.manifest import read_rows
 from pipeline.inputs import plan_inputs
 from pipeline.sources import open_source
 from pipeline.schema import OUTPUT_SCHEMA

@@ -17,8 +17,9 @@ import tiny
 from tiny import png
 from pipeline.config import JobConfig, JobError, add_job_arguments, job_kwargs
 from pipeline.images import image_bytes
-from pipeline.job import read_rows, run
-from pipeline.schema import ERROR, PREPARED
+from pipeline.job import run
+from pipeline.manifest import read_rows
+from pipeline.schema import PREP_ERROR, PREPARED
 from pipeline.stages import Answerer, Columns, Preparer
 from pipeline.urls import FetchError, MAX_REDIRECTS, fetch
 from pipeline.videos import video_bytes
@@ -123,7 +124,7 @@ def url_table(cells: list, column=pa.string()) -> pa.Table:
 
 def errors(preparer: Preparer, cells: list, column=pa.string()) -> list[str | None]:
     batch, _ = preparer.samples(url_table(cells, column))
-    return batch.column(ERROR).to_pylist()
+    return batch.column(PREP_ERROR).to_pylist()
 
 
 def preparer(model_dir: str, preprocessor: Preprocessor, **kw) -> Preparer:
@@ -141,7 +142,7 @@ def test_urls_give_the_same_answers_as_the_same_images_given_as_bytes(web, model
     cols = Columns(image="image", question="question", id="key")
     staged = {name: Preparer(cols, model_dir, None, max_pixels=1_000_000)(t)
               for name, t in (("url", by_url), ("bytes", by_bytes))}
-    assert staged["url"].column(ERROR).to_pylist() == [None] * 4
+    assert staged["url"].column(PREP_ERROR).to_pylist() == [None] * 4
     assert staged["url"].column(PREPARED).to_pylist() == staged["bytes"].column(PREPARED).to_pylist()
     answerer = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4))
     answers = {name: answerer(t).to_pylist() for name, t in staged.items()}

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.config import JobConfig, JobError
 from pipeline.demo import clips
-from pipeline.job import read_rows, run
+from pipeline.job import run
+from pipeline.manifest import read_rows
 from pipeline.videos import decode_video
 from pruner import PrunedVLM
 from tiny import audio_only

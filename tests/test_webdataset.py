@@ -12,7 +12,8 @@ import pytest
 import tiny
 from tiny import png
 from pipeline.config import JobConfig
-from pipeline.job import read_rows, run
+from pipeline.job import run
+from pipeline.manifest import read_rows
 from pipeline.sources import expand_braces, open_source
 from pipeline.webdataset import samples
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import output
+from .. import schema as col
 from ..numbering import RunFiles
 
 
@@ -41,10 +42,10 @@ def write_finished(folder_uri: str, rows: int, rows_per_file: int, error_every: 
         ids = pa.array([f"{r:032x}" for r in row.tolist()], pa.string())
         flops = rng.integers(1 << 30, 1 << 32, n)
         table = pa.table({
-            "id": ids, "input_row": row, "error": error,
-            "image_tokens_kept": np.full(n, 64, np.int32),
-            "flops_total": flops, "flops_total_unpruned": flops * 2,
-            "seconds": np.full(n, 0.05), "preprocess_seconds": np.full(n, 0.01),
+            col.ID: ids, col.INPUT_ROW: row, col.ERROR: error,
+            col.IMAGE_TOKENS_KEPT: np.full(n, 64, np.int32),
+            col.FLOPS_TOTAL: flops, col.FLOPS_TOTAL_UNPRUNED: flops * 2,
+            col.SECONDS: np.full(n, 0.05), col.PREPROCESS_SECONDS: np.full(n, 0.01),
         })
         pq.write_table(table, folder.path(names.get_filename_for_task(write, i)), filesystem=folder.fs)
     return job_id

@@ -39,11 +39,13 @@ import pyarrow.parquet as pq
 from pruner.methods import get_method
 
 from .. import job
+from .. import schema as col
 from .answers import answers_match
 from ..common import filesystem, saved_pct
 from ..config import JobConfig, JobError
 from ..demo import EVAL_PARQUET
-from ..output import SUMMARY
+from ..manifest import changed, configuration, read_rows
+from ..output import SUMMARY, Folder
 from .report import setting_label, write_report
 
 DEFAULT_METHODS = ("vlm-pruner", "fastv", "dart", "divprune")
@@ -183,7 +185,7 @@ def run_all(cfg: CompareConfig, chosen: list[CompareSetting], log=print) -> dict
     what = {}
     for i, s in enumerate(chosen, 1):
         jc = job_config(cfg, s)
-        diff = job.changed(jc)
+        diff = changed(Folder(jc.output), configuration(jc))
         summary = _read_json(Path(jc.output) / SUMMARY)
         if not diff and covers(summary, cfg.limit):
             log(f"[{i}/{len(chosen)}] {s.label}: reused ({summary['rows']} rows in {jc.output})")
@@ -228,10 +230,10 @@ def _read_json(path: Path) -> dict | None:
 
 def rows_of(cfg: CompareConfig, chosen: list[CompareSetting]) -> dict[str, list[dict]]:
     """Per setting, its rows for the same input rows: the first `limit` that every setting has."""
-    tables = {s.name: job.read_rows(job_config(cfg, s)) for s in chosen}
-    tables = {k: t.filter(pc.less(t.column("input_row"), cfg.limit)) for k, t in tables.items()}
-    common = set.intersection(*(set(t.column("input_row").to_pylist()) for t in tables.values()))
-    return {k: sorted((r for r in t.to_pylist() if r["input_row"] in common), key=lambda r: r["input_row"])
+    tables = {s.name: read_rows(job_config(cfg, s)) for s in chosen}
+    tables = {k: t.filter(pc.less(t.column(col.INPUT_ROW), cfg.limit)) for k, t in tables.items()}
+    common = set.intersection(*(set(t.column(col.INPUT_ROW).to_pylist()) for t in tables.values()))
+    return {k: sorted((r for r in t.to_pylist() if r[col.INPUT_ROW] in common), key=lambda r: r[col.INPUT_ROW])
             for k, t in tables.items()}
 
 
@@ -246,8 +248,9 @@ def judged(rows: list[dict], ref: dict[int, str | None], answer: str | None) -> 
     """Per input row, whether its answer counts as right: against the ground truth where
     `answer` names a column (rows that have one), else against the reference's answer."""
     if answer is not None:
-        return {r["input_row"]: answers_match(r["answer"], r[answer]) for r in rows if r.get(answer) is not None}
-    return {r["input_row"]: answers_match(r["answer"], ref[r["input_row"]]) for r in rows if r["input_row"] in ref}
+        return {r[col.INPUT_ROW]: answers_match(r[col.ANSWER], r[answer]) for r in rows if r.get(answer) is not None}
+    return {r[col.INPUT_ROW]: answers_match(r[col.ANSWER], ref[r[col.INPUT_ROW]])
+            for r in rows if r[col.INPUT_ROW] in ref}
 
 
 def accuracy_and_agreement(rows: list[dict], ref: dict[int, str | None], answer: str | None) -> dict:
@@ -277,26 +280,26 @@ def paired_drop(ref_right: dict[int, bool], right: dict[int, bool]) -> tuple[flo
 def metrics(cfg: CompareConfig, chosen: list[CompareSetting], answer: str | None, group: str | None) -> list[dict]:
     """One dict per setting, every figure from the per-row outputs (and the stored job timing)."""
     by_setting = rows_of(cfg, chosen)
-    ref = {r["input_row"]: r["answer"] for r in by_setting[REFERENCE]}
+    ref = {r[col.INPUT_ROW]: r[col.ANSWER] for r in by_setting[REFERENCE]}
     ref_right = judged(by_setting[REFERENCE], ref, answer)
     results = []
     for s in chosen:
         rows = by_setting[s.name]
-        ok = [r for r in rows if r["error"] is None]
-        counted = [r for r in ok if r["flops_total"] is not None]
-        paper = sum(r["paper_prefill_flops"] for r in ok)
-        paper_full = sum(r["paper_prefill_flops_unpruned"] for r in ok)
-        seconds = sum(r["seconds"] for r in rows)
+        ok = [r for r in rows if r[col.ERROR] is None]
+        counted = [r for r in ok if r[col.FLOPS_TOTAL] is not None]
+        paper = sum(r[col.PAPER_PREFILL_FLOPS] for r in ok)
+        paper_full = sum(r[col.PAPER_PREFILL_FLOPS_UNPRUNED] for r in ok)
+        seconds = sum(r[col.SECONDS] for r in rows)
         timing = _read_json(Path(job_config(cfg, s).output) / TIMING) or {}
         drop, se = paired_drop(ref_right, judged(rows, ref, answer))
         res = {"setting": s.name, "method": s.method, "keep": s.keep, **accuracy_and_agreement(rows, ref, answer),
                "quality_drop_points": drop, "quality_drop_se_points": se,
                "quality_drop_bound_points": drop + Z_ONE_SIDED_95 * se if drop is not None else None,
                "errors": len(rows) - len(ok),
-               "image_tokens_kept_mean": _mean([r["image_tokens_kept"] for r in ok]),
-               "gflops_per_sample": _mean([r["flops_total"] / 1e9 for r in counted]),
-               "flops_saved_pct": saved_pct(sum(r["flops_total"] for r in counted),
-                                            sum(r["flops_total_unpruned"] for r in counted)),
+               "image_tokens_kept_mean": _mean([r[col.IMAGE_TOKENS_KEPT] for r in ok]),
+               "gflops_per_sample": _mean([r[col.FLOPS_TOTAL] / 1e9 for r in counted]),
+               "flops_saved_pct": saved_pct(sum(r[col.FLOPS_TOTAL] for r in counted),
+                                            sum(r[col.FLOPS_TOTAL_UNPRUNED] for r in counted)),
                "paper_prefill_gflops_per_sample": paper / 1e9 / len(ok) if ok else None,
                "paper_prefill_reduction_pct": saved_pct(paper, paper_full),
                "rows_per_second": len(rows) / seconds if seconds > 0 else None,
@@ -354,7 +357,7 @@ def compare(cfg: CompareConfig, log=None) -> dict:
     chosen, names = check(cfg)
     what = run_all(cfg, chosen, log)
     if names is None:  # not a Parquet input: the runs' rows carry the input's columns
-        names = job.read_rows(job_config(cfg, chosen[0])).column_names
+        names = read_rows(job_config(cfg, chosen[0])).column_names
     answer, group = resolve_columns(cfg, names)
     results = metrics(cfg, chosen, answer, group)
     timing = _read_json(Path(job_config(cfg, chosen[0]).output) / TIMING) or {}  # the unpruned run's
