@@ -11,7 +11,6 @@ a configuration is recorded).
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import sys
 import threading
@@ -33,7 +32,8 @@ from .inputs import InputPlan, plan_inputs
 from .numbering import Numberer, RunFiles, StopFlag
 from .progress import report_progress
 from .schema import INPUT_ROW
-from .stages import Answerer, Columns, CompileSeconds, Preparer
+from .stages import COMPILE_SECONDS, RETRIED_PER_ROW, Answerer, Columns, Preparer, Tally
+from .workarounds import write_seconds
 
 
 def columns(cfg: JobConfig, source: Source) -> Columns:
@@ -142,7 +142,8 @@ def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpus = ray.cluster_resources().get("CPU", 1)
     stop = StopFlag.of(run_dir)
-    CompileSeconds(cfg.output).take()  # none left over from a run that died before its summary
+    for name in (COMPILE_SECONDS, RETRIED_PER_ROW):
+        Tally(cfg.output, name).take()  # none left over from a run that died before its summary
     ds = numbered_rows(source, plan, run_dir, cfg.limit)
     # One model batch per block, so preprocessing spreads over workers batch by batch and
     # answers stream to the writer as groups finish rather than when a whole input file is done.
@@ -208,22 +209,6 @@ def actor_threads(cfg: JobConfig, cpus: float) -> int:
     return max(1, int(cpus) // cfg.concurrency)
 
 
-def write_seconds(ds: ray.data.Dataset) -> float | None:
-    """The writer's summed task time, from Ray Data's execution stats (None where Ray fused
-    the write into another stage or the stats have another form)."""
-    try:
-        stats = ds.stats()
-    except Exception:
-        return None
-    for block in stats.split("\n\n"):
-        head = block.strip().splitlines()[0] if block.strip() else ""
-        if re.match(r"Operator \d+ Write\b", head):
-            m = re.search(r"Remote wall time: .*?([\d.]+)(us|ms|s) total", block)
-            if m:
-                return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
-    return None
-
-
 def stage_seconds(t: out_.Totals, wall: float, actors: int, write: float | None) -> dict:
     """Where this run's time went: CPU-seconds of preprocessing, the model actors' busy and
     idle seconds (busy: on batches, with their own preprocessing on a CPU-only node; idle:
@@ -256,7 +241,8 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
     """The final state of the folder, and what this run did."""
     t = out_.totals(folder, manifest["job_id"], manifest["runs"])
     seconds = stage_seconds(t, wall, cfg.concurrency, write)
-    seconds["model_compile"] = round(CompileSeconds(cfg.output).take(), 2)  # the actors' warm-up, within model_idle
+    seconds["model_compile"] = round(Tally(cfg.output, COMPILE_SECONDS).take(), 2)  # warm-up, within model_idle
+    retried = int(Tally(cfg.output, RETRIED_PER_ROW).take())
     foreign = folder.foreign(manifest["job_id"])
     summary = {
         "rows": t.rows,
@@ -264,6 +250,7 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
         "processed": t.processed,
         "errors_this_run": t.errors_this_run,
         "retried": done.retried,
+        "batches_retried_per_row": retried,  # model batches that failed as a whole, then ran row by row
         "skipped": done.in_scope(scope),
         "repeated_ids": t.repeated_ids,
         "image_tokens_kept_mean": round(t.kept_sum / t.ok, 3) if t.ok else None,
@@ -284,6 +271,9 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
     folder.write_json(out_.SUMMARY, summary)
     if t.processed:
         print(summary["bound_by"], file=sys.stderr)
+    if retried:
+        print(f"warning: {retried} model batches failed as a whole and were retried row by row, which is slower "
+              f"(out of memory? a smaller --batch-size may help): see {out_.SUMMARY}", file=sys.stderr)
     if t.repeated_ids:
         print(f"warning: {t.repeated_ids} rows repeat another row's id ({cfg.id_column or 'id'}); each input row "
               f"still has its own output row (column {INPUT_ROW})", file=sys.stderr)

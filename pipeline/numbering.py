@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.feather as feather
 
 from . import schema as col
+from .workarounds import kv_delete, kv_get, kv_put
 
 PLAN, DONE = "plan.arrow", "done.npy"
 
@@ -55,20 +56,13 @@ class StopFlag:
         return cls(os.path.basename(run_dir))
 
     def set(self) -> None:
-        from ray.experimental.internal_kv import _internal_kv_put
-
-        _internal_kv_put(self.key, b"1")
+        kv_put(self.key, b"1")
 
     def is_set(self) -> bool:
-        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
-        return _internal_kv_initialized() and _internal_kv_get(self.key) is not None
+        return kv_get(self.key) is not None
 
     def clear(self) -> None:
-        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_initialized
-
-        if _internal_kv_initialized():
-            _internal_kv_del(self.key)
+        kv_delete(self.key)
 
 
 class Numberer:

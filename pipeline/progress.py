@@ -17,9 +17,9 @@ import time
 from typing import IO, Callable, Iterator
 
 import ray.data
-from ray.data._internal.execution.execution_callback import ExecutionCallback
-from ray.util.debug import log_once
 from tqdm import tqdm
+
+from .workarounds import ExecutionCallback, executor_context, rows_into_sink, silence_bars_off_warning
 
 EVERY = 5.0  # seconds between two lines
 LINE = "{desc}: {n_fmt}/{total_fmt} rows ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}]"
@@ -82,8 +82,8 @@ class Lines:
 
 # Ray Data builds its execution callbacks from classes, without arguments, and runs a write on
 # a deep copy of the dataset's context: the context carries a key, and the callback finds its
-# Lines here by it. The counts are the operators' own metrics, which Ray Data's bars show;
-# they are Ray Data internals, so tests/test_progress.py checks them on every Ray it runs on.
+# Lines here by it. The counts are the operators' own metrics, which Ray Data's bars show
+# (Ray Data internals: `pipeline.workarounds`).
 _REPORTS: dict[str, Lines] = {}
 _KEY = "pipeline.progress"
 
@@ -93,13 +93,12 @@ class _RowsToSink(ExecutionCallback):
     rows that the operators feeding the sink (the writer) have put out so far."""
 
     def _lines(self, executor) -> Lines | None:
-        return _REPORTS.get(executor._data_context.get_config(_KEY))
+        return _REPORTS.get(executor_context(executor).get_config(_KEY))
 
     def on_execution_step(self, executor) -> None:
         lines = self._lines(executor)
         if lines is not None:
-            sink, _ = executor._output_node
-            lines.update(sum(op.metrics.rows_task_outputs_generated for op in sink.input_dependencies))
+            lines.update(rows_into_sink(executor))
 
     def after_execution_succeeds(self, executor) -> None:
         self.on_execution_step(executor)
@@ -121,9 +120,7 @@ def report_progress(ds: ray.data.Dataset, total: int | None, every: float = EVER
     before = ctx.enable_progress_bars, ctx.print_on_execution_start
     key = f"{id(ctx):x}-{time.monotonic_ns():x}"
     _REPORTS[key] = lines = Lines(total, every, file)
-    # Ray Data warns, once per process, that its bars are off and how to turn them back on:
-    # here they are replaced, not lost.
-    log_once("ray_data_progress_manager_disabled")
+    silence_bars_off_warning()  # here they are replaced, not lost
     ctx.enable_progress_bars = ctx.print_on_execution_start = False
     ctx.set_config(_KEY, key)
     ctx.custom_execution_callback_classes.append(_RowsToSink)

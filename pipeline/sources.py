@@ -8,7 +8,6 @@ keeps rows answered by an earlier run where they were (`pipeline.inputs`).
 from __future__ import annotations
 
 import fnmatch
-import logging
 import os
 import posixpath
 import re
@@ -22,6 +21,7 @@ import ray.data
 
 from . import webdataset
 from .common import filesystem, first_line, glob_root
+from .workarounds import dataset_fingerprint, read_iterable_dataset, read_parquet_footers_here
 
 
 class SourceError(ValueError):
@@ -176,20 +176,7 @@ def read_parquet(paths: list[str], fs: pafs.FileSystem | None = None) -> ray.dat
     reader reads the footers itself (one small sampling task)."""
     if len(paths) > FEW_FILES:
         return ray.data.read_parquet(paths, filesystem=fs)
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.use_datasource_v2, ctx.enable_progress_bars
-    # Its sampling progress bar and log lines would print before the job's one-line errors.
-    ctx.use_datasource_v2 = ctx.enable_progress_bars = False
-    log = logging.getLogger("ray.data")
-    level = log.level
-    log.setLevel(max(level, logging.WARNING))
-    try:
-        ds = ray.data.read_parquet(paths, filesystem=fs)
-    finally:
-        ctx.use_datasource_v2, ctx.enable_progress_bars = before
-        log.setLevel(level)
-    ds.context.enable_progress_bars = before[1]  # the dataset copied the context: the job's bars stay
-    return ds
+    return read_parquet_footers_here(paths, fs)
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -226,7 +213,7 @@ def _no_split(split: str | None, uri: str) -> None:
 def _dataset_source(ds: Any, name: str) -> Source:
     """One in-memory Hugging Face dataset, as one input file named `name`."""
     rows = ray.data.from_huggingface(ds)
-    file = InputFile(name, name, 0, None, len(ds), ds._fingerprint)
+    file = InputFile(name, name, 0, None, len(ds), dataset_fingerprint(ds))
     return Source("dataset", [file], None, None, "image", dataset=rows)
 
 
@@ -358,10 +345,8 @@ def _stream_dataset(name: str, split: str | None, revision: str | None) -> Sourc
 def _stream_source(ds: Any, name: str, fingerprint: str) -> Source:
     """An IterableDataset as one input whose rows are counted as read. Ray's own datasource
     for it, not `from_huggingface`, which first asks the Hub for Parquet files (none here)."""
-    from ray.data._internal.datasource.huggingface_datasource import HuggingFaceDatasource
-
     file = InputFile(name, name, 0, None, None, fingerprint)
-    return Source("dataset", [file], None, None, "image", dataset=ray.data.read_datasource(HuggingFaceDatasource(ds)))
+    return Source("dataset", [file], None, None, "image", dataset=read_iterable_dataset(ds))
 
 
 def _from_snapshot(name: str, split: str | None, revision: str | None) -> Source:

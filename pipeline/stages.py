@@ -32,6 +32,7 @@ from .schema import OUTPUT_COLUMNS, PREP_ERROR, PREP_NOTE, PREP_SECONDS, PREPARE
 from .urls import (DEFAULT_FETCH_RETRIES, DEFAULT_FETCH_TIMEOUT, MAX_IMAGE_BYTES, MAX_VIDEO_BYTES, Body,
                    FetchError, Fetcher)
 from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES, decode_video, video_bytes
+from .workarounds import kv_put, kv_take
 
 
 @dataclass(frozen=True)
@@ -160,31 +161,25 @@ def deserialize(data: bytes) -> Sample:
     return Prepared(tensors.pop("input_ids"), {k.removeprefix("vision."): v for k, v in tensors.items()})
 
 
-class CompileSeconds:
-    """The model actors' compile (warm-up) seconds, for the job's summary: a key an actor in
-    Ray's cluster-wide key-value store, as `StopFlag`, under the output folder's name."""
+class Tally:
+    """A number the model actors add to and the driver sums for the job's summary
+    (`COMPILE_SECONDS`: their warm-up seconds; `RETRIED_PER_ROW`: model batches that failed as
+    a whole and ran row by row): keys in Ray's cluster-wide key-value store, as `StopFlag`,
+    under the output folder's name."""
 
-    def __init__(self, output: str):
-        self.prefix = f"vlm-pruner-compile:{output}:".encode()
+    def __init__(self, output: str, name: str):
+        self.prefix = f"vlm-pruner-{name}:{output}:".encode()
 
-    def put(self, seconds: float) -> None:
-        from ray.experimental.internal_kv import _internal_kv_initialized, _internal_kv_put
-
-        if seconds and _internal_kv_initialized():
-            _internal_kv_put(self.prefix + uuid.uuid4().hex.encode(), repr(seconds).encode())
+    def add(self, amount: float) -> None:
+        if amount:
+            kv_put(self.prefix + uuid.uuid4().hex.encode(), repr(amount).encode())
 
     def take(self) -> float:
-        """The seconds put since the last take, summed over actors; their keys are deleted."""
-        from ray.experimental.internal_kv import (_internal_kv_del, _internal_kv_get, _internal_kv_initialized,
-                                                  _internal_kv_list)
+        """The amounts added since the last take, summed over actors; their keys are deleted."""
+        return sum(float(v) for v in kv_take(self.prefix))
 
-        if not _internal_kv_initialized():
-            return 0.0
-        keys = _internal_kv_list(self.prefix)
-        seconds = sum(float(_internal_kv_get(k) or 0) for k in keys)
-        for k in keys:
-            _internal_kv_del(k)
-        return seconds
+
+COMPILE_SECONDS, RETRIED_PER_ROW = "compile", "retried-per-row"
 
 
 class Answerer:
@@ -199,7 +194,7 @@ class Answerer:
         self.vlm = PrunedVLM.from_pretrained(cfg.model, method=cfg.method, keep=cfg.keep, rate=cfg.rate,
                                              prune_layer=cfg.prune_layer, compile=COMPILE[cfg.compile],
                                              **cfg.method_params)
-        CompileSeconds(cfg.output).put(self.vlm.warm_up(cfg.batch_size, cfg.max_new_tokens))
+        Tally(cfg.output, COMPILE_SECONDS).add(self.vlm.warm_up(cfg.batch_size, cfg.max_new_tokens))
         self.cfg = cfg
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
         self.prunes = self.vlm.method.stage != "none"
@@ -290,6 +285,8 @@ class Answerer:
         try:
             return dict(zip(samples, generate(list(samples.values()), self.cfg.max_new_tokens, **self.sampling)))
         except Exception:
+            if len(samples) > 1:  # counted: on a GPU, out of memory turns into slow row-by-row mode
+                Tally(self.cfg.output, RETRIED_PER_ROW).add(1)
             out: dict[int, Generation | str] = {}
             for i, s in samples.items():
                 try:

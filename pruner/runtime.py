@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .methods import Method, Selection, Signals
 from .models import Adapter, Prepared
+from .workarounds import register_attention
 
 
 # ---------------------------------------------------------------------- attention
@@ -52,9 +50,7 @@ def last_row_attention(module, query: Tensor, key: Tensor, mask: Tensor | None, 
     return scores.softmax(-1).mean(dim=1)[:, 0]  # [B, S]
 
 
-ATTENTION = {"sdpa": "pruner_sdpa", "eager": "pruner_eager"}
-AttentionInterface.register("pruner_sdpa", _with_last_row(sdpa_attention_forward))
-AttentionInterface.register("pruner_eager", _with_last_row(eager_attention_forward))
+ATTENTION = register_attention(_with_last_row)  # {"sdpa": "pruner_sdpa", "eager": "pruner_eager"}
 
 
 def causal_mask(pad: Tensor, dtype: torch.dtype) -> Tensor:

@@ -105,7 +105,7 @@ class PrunedVLM:
         self.plan = Plan(self.method, self.keep_for, prune_layer, dict(method_params))
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {attention!r}")
-        self.adapter.text_config._attn_implementation = ATTENTION[attention]
+        model.set_attn_implementation({"text_config": ATTENTION[attention]})  # the LLM's; the vision tower's stays
         tokenizer = getattr(processor, "tokenizer", processor)
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id

@@ -26,6 +26,7 @@ from pipeline.inputs import plan_inputs
 from pipeline.sources import open_source
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.stages import Answerer, Columns, Preparer, length_batches
+from pipeline.workarounds import stage_compute
 from pruner import PrunedVLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,10 +183,7 @@ def test_rows_are_numbered_in_read_order_even_when_the_current_context_does_not_
     assert not ctx.execution_options.preserve_order
     # and the numbering actor gets one block at a time: Ray Data lets an actor run queued tasks
     # out of order (rows 2-3 numbered 0-1 in a CI run of test_compare even with order kept)
-    op = plan._logical_plan.dag
-    while op.name != "MapBatches(Numberer)":
-        op = op.input_dependencies[0]
-    assert op.compute.max_tasks_in_flight_per_actor == 1
+    assert stage_compute(plan, "MapBatches(Numberer)").max_tasks_in_flight_per_actor == 1
     run(cfg)
     got = output_rows(tmp_path / "out")
     assert sorted((r["input_row"], r["label"]) for r in got) == [(i, i) for i in range(12)]

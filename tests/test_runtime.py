@@ -7,7 +7,7 @@ from transformers import DynamicCache
 import tiny
 from pruner import PrunedVLM
 from pruner.methods import METHODS, get_method
-from pruner.runtime import collate, prefill
+from pruner.runtime import ATTENTION, collate, prefill
 
 pytestmark = pytest.mark.timeout(300)
 SIZES = [(90, 70), (60, 100), (120, 56)]
@@ -165,13 +165,12 @@ def test_fastv_attention_row_matches_eager_attention_weights(family):
         captured["w"] = out[1]  # [B, H, L, L]
 
     hook = vlm.adapter.layers[vlm.prune_layer - 1].self_attn.register_forward_hook(keep_weights)
-    saved = vlm.adapter.text_config._attn_implementation
     try:
-        vlm.adapter.text_config._attn_implementation = "eager"
+        model.set_attn_implementation({"text_config": "eager"})
         with torch.no_grad():
             model(**inputs)
     finally:
-        vlm.adapter.text_config._attn_implementation = saved
+        model.set_attn_implementation({"text_config": ATTENTION["sdpa"]})  # as PrunedVLM set it
         hook.remove()
     row = captured["w"][0, :, -1].mean(0)  # [L]
     layout = vlm.adapter.layout(inputs["input_ids"][0], vlm.preprocess([image], [question])[0].vision)
