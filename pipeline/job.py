@@ -273,7 +273,8 @@ def write_summary(folder: out_.Folder, cfg: JobConfig, manifest: dict, done: out
         print(summary["bound_by"], file=sys.stderr)
     if retried:
         print(f"warning: {retried} model batches failed as a whole and were retried row by row, which is slower "
-              f"(out of memory? a smaller --batch-size may help): see {out_.SUMMARY}", file=sys.stderr)
+              f"(out of memory? a smaller --batch-size may help): see batches_retried_per_row in {out_.SUMMARY}",
+              file=sys.stderr)
     if t.repeated_ids:
         print(f"warning: {t.repeated_ids} rows repeat another row's id ({cfg.id_column or 'id'}); each input row "
               f"still has its own output row (column {INPUT_ROW})", file=sys.stderr)

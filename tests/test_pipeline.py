@@ -248,6 +248,48 @@ def test_bad_rows_and_resume(local_ray, model_dir, tmp_path):
     assert summary["rows"] == len(rows) and summary["image_tokens_kept_mean"] == 8.0
 
 
+# Loaded first by the model actor's Python (a `sitecustomize` on its path only): every batch of
+# more than one row fails as a whole, as one too large for a GPU's memory does.
+BATCHES_FAIL = """
+from pruner.vlm import PrunedVLM
+
+plain = PrunedVLM.generate_prepared
+
+
+def generate_prepared(self, samples, *args, **kwargs):
+    if len(samples) > 1:
+        raise RuntimeError("CUDA out of memory (a test's stand-in)")
+    return plain(self, samples, *args, **kwargs)
+
+
+PrunedVLM.generate_prepared = generate_prepared
+"""
+
+
+@pytest.mark.slow
+def test_batches_that_fail_as_a_whole_are_counted_and_told_and_each_row_is_answered_alone(
+        local_ray, model_dir, tmp_path, monkeypatch, capsys):
+    import pipeline.job
+
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(BATCHES_FAIL)
+    path = os.pathsep.join([str(tmp_path / "hook"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    monkeypatch.setattr(pipeline.job, "cpu_actor_env", lambda threads: {**cpu_actor_env(threads), "PYTHONPATH": path})
+    rows = good_rows(8)
+    write_parquet(rows, tmp_path / "data.parquet")
+    out = tmp_path / "out"
+    summary = run(job(model_dir, input=str(tmp_path / "data.parquet"), output=str(out), id_column="key"))
+    assert (summary["rows"], summary["errors"], summary["batches_retried_per_row"]) == (8, 0, 2)  # 2 batches of 4
+    assert ("warning: 2 model batches failed as a whole and were retried row by row, which is slower (out of memory? "
+            "a smaller --batch-size may help): see batches_retried_per_row in _summary.json") in capsys.readouterr().err
+    vlm = PrunedVLM.from_pretrained(model_dir, keep=8)
+    got = {r["id"]: r["answer"] for r in output_rows(out)}
+    for r in rows:
+        assert got[r["key"]] == vlm.generate([Image.open(io.BytesIO(r["image"]))], [r["question"]],
+                                             max_new_tokens=3)[0].text
+    assert json.loads((out / "_summary.json").read_text())["batches_retried_per_row"] == 2
+
+
 @pytest.mark.parametrize("cpus", [2, 3, 4, 8, 16])
 @pytest.mark.parametrize("concurrency", [1, 2, 3])
 def test_model_actors_never_leave_whole_cpu_tasks_without_a_cpu_nor_fill_the_node(cpus, concurrency):
