@@ -10,7 +10,8 @@ Ray pipeline as jobs/caption.py, and writes a report to --output: report.md, rep
 
 Re-running with the same --output reuses the settings already done (each is a job in
 OUTPUT/runs/<setting>/): one that covers fewer rows is extended, one whose configuration
-changed is run again. Every figure is over the same rows in every setting.
+changed is run again. Every figure is over the same rows in every setting. A --method-param
+goes to each method that takes it (tau: vlm-pruner's runs only).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def parse(argv: list[str] | None = None) -> CompareConfig:
     add_job_arguments(p, skip=("output", "limit", "method", "keep", "rate", "overwrite"))
     a = p.parse_args(argv)
     given = job_kwargs(a)
-    top = {k: given.pop(k) for k in ("input", "model") if k in given}
+    top = {k: given.pop(k) for k in ("input", "model", "method_params") if k in given}
     return CompareConfig(
         output=a.output, limit=a.limit, methods=parse_list(a.methods, "--methods"),
         keeps=parse_list(a.keeps, "--keeps", int), answer_column=a.answer_column, group_column=a.group_column,

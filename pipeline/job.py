@@ -32,7 +32,8 @@ from .inputs import InputPlan, plan_inputs
 from .numbering import Numberer, RunFiles, StopFlag
 from .progress import report_progress
 from .schema import INPUT_ROW
-from .stages import COMPILE_SECONDS, RETRIED_PER_ROW, Answerer, Columns, Preparer, Tally
+from .stages import (COMPILE_SECONDS, RETRIED_PER_ROW, AnswerConfig, Answerer, Columns, PrepareConfig, Preparer,
+                     Tally)
 from .workarounds import write_seconds
 
 
@@ -61,7 +62,9 @@ def run(cfg: JobConfig) -> dict:
     any work, for an unusable output folder, one that another run holds, one that holds
     another configuration, an input that does not have the columns asked for, or a known
     input file whose content changed. A first Ctrl-C stops taking rows and writes the rows
-    in flight (the summary says `interrupted`); a second stops at once."""
+    in flight (the summary says `interrupted`); a second stops at once. The configuration is
+    resolved (`JobConfig.resolved`) first: arguments the model refuses fail there."""
+    cfg = cfg.resolved()
     folder = out_.Folder(cfg.output)
     folder.check(cfg.input)  # before Ray starts: nothing is written yet
     out_.Lock(folder).check()
@@ -149,9 +152,7 @@ def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run
     # answers stream to the writer as groups finish rather than when a whole input file is done.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     group = cfg.batch_size * cfg.group_batches  # rows an actor call regroups by prompt length
-    prep = {"cols": cols, "model_path": cfg.model, "base_dir": source.base_dir, "max_pixels": cfg.max_image_pixels,
-            "num_frames": cfg.num_frames, "max_video_seconds": cfg.max_video_seconds,
-            "fetch_timeout": cfg.fetch_timeout, "fetch_retries": cfg.fetch_retries}
+    prep, answer = PrepareConfig.of(cfg, cols, source.base_dir), AnswerConfig.of(cfg)
     if gpus > 0:
         # The GPU waits on CPU work: a pool of preprocessing workers that grows to the CPUs
         # the model actors leave (one kept for reading, numbering and writing).
@@ -159,11 +160,12 @@ def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run
         # whole CPU there left the read task without one, and the job waited forever.
         spare = int(cpus) - cfg.concurrency - 1
         ds = ds.map_batches(Preparer, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=int(spare >= 1),
-                            compute=ActorPoolStrategy(min_size=1, max_size=max(1, spare)), fn_constructor_kwargs=prep)
+                            compute=ActorPoolStrategy(min_size=1, max_size=max(1, spare)),
+                            fn_constructor_kwargs={"cfg": prep})
         return ds.map_batches(Answerer, batch_size=group, batch_format="pyarrow", num_gpus=gpus,
                               num_cpus=model_actor_cpus(cpus, cfg.concurrency),
                               compute=ActorPoolStrategy(size=cfg.concurrency),
-                              fn_constructor_kwargs={"cfg": cfg, "stop": stop})
+                              fn_constructor_kwargs={"cfg": answer, "stop": stop})
     # On CPUs the model's cores are the preprocessing cores, so each model actor preprocesses
     # its own batches: a separate stage only added a second start-up (~6 s of torch and
     # transformers imports), serialising tensors across processes, and contention.
@@ -171,7 +173,7 @@ def pipeline(cfg: JobConfig, source: Source, plan: InputPlan, cols: Columns, run
     return ds.map_batches(
         Answerer, batch_size=group, batch_format="pyarrow", compute=ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=model_actor_cpus(cpus, cfg.concurrency), runtime_env={"env_vars": cpu_actor_env(threads)},
-        fn_constructor_kwargs={"cfg": cfg, "threads": threads, "prepare": prep, "stop": stop})
+        fn_constructor_kwargs={"cfg": answer, "threads": threads, "prepare": prep, "stop": stop})
 
 
 # glibc's malloc returns every freed block above its mmap threshold (activations of a batch:

@@ -9,7 +9,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -29,9 +29,8 @@ from .common import first_line
 from .numbering import StopFlag, set_column
 from . import schema as col
 from .schema import OUTPUT_COLUMNS, PREP_ERROR, PREP_NOTE, PREP_SECONDS, PREPARED, output_table
-from .urls import (DEFAULT_FETCH_RETRIES, DEFAULT_FETCH_TIMEOUT, MAX_IMAGE_BYTES, MAX_VIDEO_BYTES, Body,
-                   FetchError, Fetcher)
-from .videos import DEFAULT_MAX_SECONDS, DEFAULT_NUM_FRAMES, decode_video, video_bytes
+from .urls import MAX_IMAGE_BYTES, MAX_VIDEO_BYTES, Body, FetchError, Fetcher
+from .videos import decode_video, video_bytes
 from .workarounds import kv_put, kv_take
 
 
@@ -83,6 +82,57 @@ def _content_id(image: Any, question: str) -> str:
 Sample = Prepared | np.ndarray  # a prepared image row, or a video's uint8 frames [T, H, W, 3]
 
 
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What preprocessing takes from the job: the columns, where relative paths start, the
+    model whose processor runs, and the limits on what a row may hold."""
+
+    cols: Columns
+    base_dir: str | None  # of the input: relative image and video paths start there
+    model: str
+    max_image_pixels: int
+    num_frames: int
+    max_video_seconds: float
+    fetch_timeout: float
+    fetch_retries: int
+
+    @classmethod
+    def of(cls, job: JobConfig, cols: Columns, base_dir: str | None) -> PrepareConfig:
+        """From a resolved JobConfig."""
+        return _take(cls, job, cols=cols, base_dir=base_dir)
+
+
+@dataclass(frozen=True)
+class AnswerConfig:
+    """What a model actor takes from the job: the model and its pruning, generation, and the
+    output folder its compile seconds are filed under."""
+
+    model: str
+    model_name: str  # the output's `model` column
+    method: str
+    keep: int | None
+    rate: float | None
+    prune_layer: int
+    method_params: dict[str, Any]
+    compile: str  # a key of COMPILE
+    batch_size: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    output: str
+
+    @classmethod
+    def of(cls, job: JobConfig) -> AnswerConfig:
+        """From a resolved JobConfig."""
+        return _take(cls, job)
+
+
+def _take(cls: type, job: JobConfig, **given: Any) -> Any:
+    """A `cls` of the JobConfig's values of its fields, but those `given`."""
+    return cls(**{f.name: getattr(job, f.name) for f in fields(cls) if f.name not in given}, **given)
+
+
 class Preparer:
     """CPU preprocessing: ids and questions, then fetch a batch's URLs (concurrently), decode
     images and run the processor, or decode and sample a video's frames. Adds `_prepared`,
@@ -94,15 +144,13 @@ class Preparer:
     travel to the model actor as uint8, which runs the processor there: its float32 output is
     4x larger (a 32-frame clip: ~54 MiB)."""
 
-    def __init__(self, cols: Columns, model_path: str, base_dir: str | None, max_pixels: int,
-                 num_frames: int = DEFAULT_NUM_FRAMES, max_video_seconds: float = DEFAULT_MAX_SECONDS,
-                 fetch_timeout: float = DEFAULT_FETCH_TIMEOUT, fetch_retries: int = DEFAULT_FETCH_RETRIES,
-                 preprocessor: Preprocessor | None = None):
+    def __init__(self, cfg: PrepareConfig, preprocessor: Preprocessor | None = None):
         # its own (a CPU worker ahead of GPU actors): uint8 pixels, normalised on the GPU
-        self.preprocessor = preprocessor or Preprocessor.from_pretrained(model_path, uint8=True)
-        self.cols, self.base_dir, self.max_pixels = cols, base_dir, max_pixels
-        self.num_frames, self.max_video_seconds = num_frames, max_video_seconds
-        self.fetcher = Fetcher(fetch_timeout, fetch_retries, MAX_VIDEO_BYTES if cols.video else MAX_IMAGE_BYTES)
+        self.preprocessor = preprocessor or Preprocessor.from_pretrained(cfg.model, uint8=True)
+        self.cols, self.base_dir, self.max_pixels = cfg.cols, cfg.base_dir, cfg.max_image_pixels
+        self.num_frames, self.max_video_seconds = cfg.num_frames, cfg.max_video_seconds
+        self.fetcher = Fetcher(cfg.fetch_timeout, cfg.fetch_retries,
+                               MAX_VIDEO_BYTES if cfg.cols.video else MAX_IMAGE_BYTES)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch, samples = self.samples(batch)
@@ -185,9 +233,9 @@ COMPILE_SECONDS, RETRIED_PER_ROW = "compile", "retried-per-row"
 class Answerer:
     """A model actor: loads one PrunedVLM and warms it up (compiling its decode step where
     `--compile` says, for the job's batch size), answers batches of prepared rows, or, given
-    `prepare` (a `Preparer`'s arguments), of input rows that it preprocesses itself."""
+    `prepare` (what a `Preparer` takes), of input rows that it preprocesses itself."""
 
-    def __init__(self, cfg: JobConfig, threads: int | None = None, prepare: dict | None = None,
+    def __init__(self, cfg: AnswerConfig, threads: int | None = None, prepare: PrepareConfig | None = None,
                  stop: StopFlag | None = None):
         if threads is not None:  # Ray pins OMP_NUM_THREADS to the actor's reserved CPUs
             torch.set_num_threads(threads)
@@ -198,7 +246,7 @@ class Answerer:
         self.cfg = cfg
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
         self.prunes = self.vlm.method.stage != "none"
-        self.prepare = None if prepare is None else Preparer(**prepare, preprocessor=self.vlm.preprocessor)
+        self.prepare = None if prepare is None else Preparer(prepare, preprocessor=self.vlm.preprocessor)
         self.context = self.vlm.adapter.text_config.max_position_embeddings  # tokens the LLM was trained on
         self.stop = stop
 

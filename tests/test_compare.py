@@ -5,6 +5,7 @@ import json
 import math
 import random
 import re
+import runpy
 import shutil
 import statistics
 import subprocess
@@ -184,6 +185,7 @@ def config(model_dir: str, out: Path, **kw) -> CompareConfig:
     ({"limit": 0}, "--limit must be >= 1"),
     ({"gpu_hour_price": 0.0}, "--gpu-hour-price must be > 0"),
     ({"max_quality_drop": -1.0}, "--max-quality-drop must be >= 0"),
+    ({"method_params": {"tau": 0.7}, "methods": ("fastv",)}, "--method-param tau: no method of --methods (fastv)"),
 ])
 def test_bad_arguments_fail_before_ray_starts(model_dir, tmp_path, change, message):
     assert not ray.is_initialized()
@@ -200,6 +202,14 @@ def test_command_line_bad_arguments_exit_2_with_one_line(model_dir):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("compare.py: error: --answer-column 'label'"), proc.stderr
+
+
+def test_method_params_go_to_the_methods_that_take_them(model_dir):
+    compare = runpy.run_path(str(ROOT / "jobs" / "compare.py"))
+    cfg = compare["parse"](["--model", model_dir, "--methods", "vlm-pruner,dart,fastv", "--keeps", "8",
+                            "--method-param", "tau=0.7", "--method-param", "pivots_img=2"])
+    got = {s.name: C.job_config(cfg, s).method_params for s in C.settings(cfg)}
+    assert got == {"none": {}, "vlm-pruner-k8": {"tau": 0.7}, "dart-k8": {"pivots_img": 2}, "fastv-k8": {}}
 
 
 # ---------------------------------------------------------------- the comparison on local Ray

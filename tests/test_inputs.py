@@ -23,7 +23,6 @@ from pipeline.inputs import plan_inputs
 from pipeline.job import run
 from pipeline.manifest import read_rows
 from pipeline.sources import InputFile, Source, SourceError, input_kind, open_source
-from pipeline.stages import Answerer, Columns, Preparer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -242,9 +241,8 @@ def test_a_prompt_beyond_the_models_context_is_an_error_row_and_the_rest_are_ans
     rows = good_rows(3)
     rows[1]["question"] = " ".join(["what"] * 1500)  # 1,500+ tokens against the tiny model's 1,024
     table = table_of(rows).append_column("input_row", pa.array(range(3), pa.int64()))
-    cols = Columns(image="image", question="question", id="key")
-    staged = Preparer(cols, model_dir, str(tmp_path), max_pixels=1_000_000)(table)
-    out = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=2))(staged).to_pylist()
+    staged = tiny.preparer(model_dir, str(tmp_path))(table)
+    out = tiny.answerer(model_dir, keep=8, max_new_tokens=2)(staged).to_pylist()
     assert out[1]["answer"] is None
     assert out[1]["error"].startswith("prompt of 1,5") and out[1]["error"].endswith(
         "tokens exceeds the model's context of 1,024")

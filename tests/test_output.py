@@ -117,15 +117,18 @@ def test_the_files_keep_their_column_names_order_and_types():
         "seconds:double preprocess_seconds:double")
 
 
-def test_keep_and_rate_are_resolved_once(model_dir):
-    assert JobConfig(model=model_dir).keep == 64 and JobConfig(model=model_dir, rate=0.5).keep is None
-    assert JobConfig(model=model_dir, method="none").keep is None
+def test_defaults_are_resolved_in_one_step(model_dir):
+    assert JobConfig(model=model_dir).keep is None and JobConfig().model is None  # making one reads nothing
+    assert JobConfig(model=model_dir).resolved().keep == 64
+    assert JobConfig(model=model_dir, rate=0.5).resolved().keep is None
+    assert JobConfig(model=model_dir, method="none").resolved().keep is None
     with pytest.raises(JobError, match="have no effect with --method none"):
-        JobConfig(model=model_dir, method="none", keep=8)
+        JobConfig(model=model_dir, method="none", keep=8)  # found from the values alone
     with pytest.raises(JobError, match=r"--prune-layer must be in \[1, 3\]"):
-        JobConfig(model=model_dir, prune_layer=4)
-    cfg = JobConfig(model=model_dir, input="rel/data.parquet")
+        JobConfig(model=model_dir, prune_layer=4).resolved()  # found from the model's config
+    cfg = JobConfig(model=model_dir, input="rel/data.parquet").resolved()
     assert os.path.isabs(cfg.input) and os.path.isabs(cfg.output)
+    assert cfg.resolved() == cfg and JobConfig().resolved().model_name == "demo"
 
 
 def test_stage_seconds_add_up_and_name_the_bound():

@@ -1,5 +1,6 @@
 """The caption job: one output row per input row, bad rows as error rows, every source kind,
 resume, and the command line. Tests that start Ray have timeouts."""
+import argparse
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,13 +21,14 @@ from PIL import Image
 
 import tiny
 from tiny import good_rows, png, table_of, write_parquet
-from pipeline.config import JobConfig, JobError
+from pipeline import output
+from pipeline.config import ANSWER_FIELDS, JobConfig, JobError, add_job_arguments, job_kwargs, parse_method_params
 from pipeline.job import actor_threads, columns, cpu_actor_env, pipeline, run
 from pipeline.manifest import read_rows
 from pipeline.inputs import plan_inputs
 from pipeline.sources import open_source
 from pipeline.schema import OUTPUT_SCHEMA
-from pipeline.stages import Answerer, Columns, Preparer, length_batches
+from pipeline.stages import AnswerConfig, Answerer, length_batches
 from pipeline.workarounds import stage_compute
 from pruner import PrunedVLM
 
@@ -58,10 +61,9 @@ def test_a_bad_row_never_fails_its_batch(model_dir, tmp_path):
     bad = bad_rows(tmp_path)
     rows = good_rows(3) + bad
     table = table_of(rows)
-    cols = Columns(image="image", question="question", id="key")
     table = table.append_column("input_row", pa.array(range(len(rows)), pa.int64()))
-    staged = Preparer(cols, model_dir, str(tmp_path), max_pixels=1_000_000)(table)
-    out = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4))(staged)
+    staged = tiny.preparer(model_dir, str(tmp_path))(table)
+    out = tiny.answerer(model_dir, keep=8, max_new_tokens=4)(staged)
     assert out.num_rows == len(rows)
     assert out.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
     assert out.select(OUTPUT_SCHEMA.names).schema.equals(OUTPUT_SCHEMA)
@@ -95,9 +97,8 @@ def test_length_batches_group_by_length_and_keep_every_row_once():
 def test_a_call_regroups_rows_by_prompt_length_and_answers_in_input_order(model_dir, tmp_path):
     rows = good_rows(7)  # five questions of different lengths, repeated
     table = table_of(rows).append_column("input_row", pa.array(range(7), pa.int64()))
-    staged = Preparer(Columns(image="image", question="question", id="key"), model_dir, str(tmp_path),
-                      max_pixels=1_000_000)(table)
-    answerer = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4, batch_size=2))
+    staged = tiny.preparer(model_dir, str(tmp_path))(table)
+    answerer = tiny.answerer(model_dir, keep=8, max_new_tokens=4, batch_size=2)
     generate, batches = answerer.vlm.generate_prepared, []
     answerer.vlm.generate_prepared = lambda s, *a, **k: batches.append([len(x.input_ids) for x in s]) or generate(
         s, *a, **k)
@@ -314,7 +315,7 @@ def test_cpu_actors_use_the_nodes_cores(model_dir):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4), threads=2)
+        tiny.answerer(model_dir, threads=2, keep=8, max_new_tokens=4)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -357,6 +358,10 @@ def test_the_cpu_model_actors_environment_keeps_freed_memory_instead_of_faulting
     (["--batch-size", "0"], "--batch-size must be an int >= 1"),
     (["--threads-per-actor", "0"], "--threads-per-actor must be an int >= 1"),
     (["--keep", "8", "--rate", "0.5"], "give --keep or --rate, not both"),
+    (["--method-param", "foo=1"], "method 'vlm-pruner' has no parameter(s) foo; it takes: official, pivots"),
+    (["--method", "fastv", "--method-param", "tau=0.7"], "method 'fastv' has no parameter(s) tau; it takes: none"),
+    (["--method-param", "tau"], "--method-param takes NAME=VALUE, got 'tau'"),
+    (["--method-param", "tau=0.7", "--method-param", "tau=0.8"], "--method-param tau is given twice"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(local_ray, model_dir, args, message, capsys, tmp_path):
     caption = runpy.run_path(str(ROOT / "jobs" / "caption.py"))  # the file a user runs, in this process
@@ -381,6 +386,48 @@ def test_the_command_line_exits_non_zero_with_one_line(model_dir, tmp_path, args
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [line.format(input=data)]
+
+
+def test_the_flags_and_the_answer_fields_come_from_the_configurations_fields():
+    assert ANSWER_FIELDS == ("input", "split", "revision", "model", "method", "keep", "rate", "prune_layer",
+                             "method_params", "max_new_tokens", "temperature", "top_p", "seed", "question",
+                             "image_column", "video_column", "question_column", "id_column", "max_image_pixels",
+                             "num_frames", "max_video_seconds")  # the manifest's config, in its order
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert list(flags) == [f.name for f in fields(JobConfig)]  # every field a flag, with its help
+    assert all(a.help and "{" not in a.help and a.default is None for a in flags.values())
+    assert flags["method_params"].option_strings == ["--method-param"]
+    assert (flags["keep"].type, flags["rate"].type, flags["question"].type) == (int, float, None)
+    assert flags["max_image_pixels"].help.endswith("(default: 40,000,000)")
+    assert flags["question"].help.endswith("(default: 'Describe the image briefly.')")
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("False", False), ("8", 8), ("-2", -2), ("0.7", 0.7),
+                                         ("1e-3", 0.001), ("torch", "torch")])
+def test_a_method_params_value_reads_as_a_bool_int_float_or_text(text, value):
+    got = parse_method_params([f"name={text}"])["name"]
+    assert got == value and type(got) is type(value)
+
+
+def test_method_params_on_the_command_line_reach_the_method_and_the_manifest(local_ray, model_dir, tmp_path,
+                                                                             capsys):
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    given = ["--method-param", "chunk=4", "--method-param", "tau=0.7"]
+    cfg = JobConfig(model=model_dir, keep=8, **job_kwargs(parser.parse_args(given))).resolved()
+    assert Answerer(AnswerConfig.of(cfg)).vlm.plan.params == {"chunk": 4, "tau": 0.7}
+
+    caption = runpy.run_path(str(ROOT / "jobs" / "caption.py"))
+    data, out = tmp_path / "data.parquet", tmp_path / "out"
+    write_parquet(good_rows(2), data)
+    args = ["--model", model_dir, "--input", str(data), "--output", str(out), "--keep", "8", "--max-new-tokens", "2"]
+    assert caption["main"]([*args, *given]) == 0
+    assert json.loads((out / output.MANIFEST).read_text())["config"]["method_params"] == {"chunk": 4, "tau": 0.7}
+    capsys.readouterr()
+    assert caption["main"]([*args, *given[:2]]) == 2  # they decide the answers: a rerun without one is refused
+    assert "method_params: {'chunk': 4, 'tau': 0.7} -> {'chunk': 4}" in capsys.readouterr().err
 
 
 def test_unknown_method_and_unsupported_model_fail_fast(tmp_path):

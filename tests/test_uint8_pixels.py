@@ -48,13 +48,10 @@ def test_the_gpu_layouts_preprocessing_workers_ship_uint8_pixels(model_dir, tmp_
     """A Preparer with its own preprocessor (the CPU workers ahead of GPU actors) serialises
     uint8 pixels; the model actor's own (CPU layout) keeps float32."""
     from pipeline.schema import PREPARED
-    from pipeline.stages import Columns, Preparer
 
     table = tiny.table_of(tiny.good_rows(2))
-    cols = Columns(image="image", question="question", id="key")
-    workers = Preparer(cols, model_dir, str(tmp_path), max_pixels=1_000_000)
-    in_actor = Preparer(cols, model_dir, str(tmp_path), max_pixels=1_000_000,
-                        preprocessor=Preprocessor.from_pretrained(model_dir))
+    workers = tiny.preparer(model_dir, str(tmp_path))
+    in_actor = tiny.preparer(model_dir, str(tmp_path), Preprocessor.from_pretrained(model_dir))
     shipped = [deserialize(b) for b in workers(table).column(PREPARED).to_pylist()]
     local = [deserialize(b) for b in in_actor(table).column(PREPARED).to_pylist()]
     assert all(s.vision["pixel_values"].dtype == torch.uint8 for s in shipped)

@@ -20,7 +20,7 @@ from pipeline.images import image_bytes
 from pipeline.job import run
 from pipeline.manifest import read_rows
 from pipeline.schema import PREP_ERROR, PREPARED
-from pipeline.stages import Answerer, Columns, Preparer
+from pipeline.stages import Preparer
 from pipeline.urls import FetchError, MAX_REDIRECTS, fetch
 from pipeline.videos import video_bytes
 from pruner import Preprocessor, PrunedVLM
@@ -128,8 +128,7 @@ def errors(preparer: Preparer, cells: list, column=pa.string()) -> list[str | No
 
 
 def preparer(model_dir: str, preprocessor: Preprocessor, **kw) -> Preparer:
-    return Preparer(Columns(image="image", question="question", id="key"), model_dir, None, max_pixels=1_000_000,
-                    preprocessor=preprocessor, **kw)
+    return tiny.preparer(model_dir, None, preprocessor, **kw)
 
 
 # ---------------------------------------------------------------- in the CPU stage, without Ray
@@ -139,19 +138,18 @@ def test_urls_give_the_same_answers_as_the_same_images_given_as_bytes(web, model
     urls = [f"{web}/img/0.png", f"{web}/img/1.png", f"{web}/redirect/2", f"{web}/img/3.png"]
     by_url = url_table(urls)
     by_bytes = url_table([IMAGES[i] for i in range(4)], pa.binary())
-    cols = Columns(image="image", question="question", id="key")
-    staged = {name: Preparer(cols, model_dir, None, max_pixels=1_000_000)(t)
+    staged = {name: tiny.preparer(model_dir, None)(t)
               for name, t in (("url", by_url), ("bytes", by_bytes))}
     assert staged["url"].column(PREP_ERROR).to_pylist() == [None] * 4
     assert staged["url"].column(PREPARED).to_pylist() == staged["bytes"].column(PREPARED).to_pylist()
-    answerer = Answerer(JobConfig(model=model_dir, keep=8, max_new_tokens=4))
+    answerer = tiny.answerer(model_dir, keep=8, max_new_tokens=4)
     answers = {name: answerer(t).to_pylist() for name, t in staged.items()}
     assert [r["error"] for r in answers["url"]] == [None] * 4
     for a, b in zip(answers["url"], answers["bytes"]):
         assert (a["id"], a["answer"], a["image_tokens_kept"]) == (b["id"], b["answer"], b["image_tokens_kept"])
     # and a datasets-style struct whose path is a URL
     struct = pa.array([{"bytes": None, "path": urls[0]}], tiny.IMAGE_STRUCT)
-    struct_staged = Preparer(cols, model_dir, None, max_pixels=1_000_000)(url_table([None]).set_column(
+    struct_staged = tiny.preparer(model_dir, None)(url_table([None]).set_column(
         1, "image", struct))
     assert struct_staged.column(PREPARED).to_pylist() == staged["bytes"].column(PREPARED).to_pylist()[:1]
 

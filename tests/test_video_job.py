@@ -25,7 +25,7 @@ def test_video_flags_are_checked(onevision_dir, model_dir):
     with pytest.raises(JobError, match="give --image-column or --video-column, not both"):
         JobConfig(model=onevision_dir, video_column="video", image_column="image")
     with pytest.raises(JobError, match="takes no video"):
-        JobConfig(model=model_dir, video_column="video")  # LLaVA-1.5
+        JobConfig(model=model_dir, video_column="video").resolved()  # LLaVA-1.5
 
 
 @pytest.mark.slow

@@ -265,3 +265,26 @@ def audio_only() -> bytes:
         c.mux(s.encode(f))
         c.mux(s.encode())
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- the job's stages, without Ray
+# (imported when called: tests of the pruner alone need not import the pipeline)
+
+
+def preparer(model_dir: str, base_dir: str | None, preprocessor=None, **job):
+    """A Preparer of `table_of`'s columns as the job makes one, from a JobConfig with `job`
+    (images up to 1 MP unless given)."""
+    from pipeline.config import JobConfig
+    from pipeline.stages import Columns, PrepareConfig, Preparer
+
+    cfg = JobConfig(model=model_dir, **{"max_image_pixels": 1_000_000, **job}).resolved()
+    cols = Columns(image="image", question="question", id="key")
+    return Preparer(PrepareConfig.of(cfg, cols, base_dir), preprocessor)
+
+
+def answerer(model_dir: str, threads: int | None = None, **job):
+    """A model actor as the job makes one, from a JobConfig with `job`."""
+    from pipeline.config import JobConfig
+    from pipeline.stages import AnswerConfig, Answerer
+
+    return Answerer(AnswerConfig.of(JobConfig(model=model_dir, **job).resolved()), threads)

@@ -69,6 +69,7 @@ class CompareConfig:
     group_column: str | None = None  # None: DEFAULT_GROUP_COLUMN where the input has it
     gpu_hour_price: float = 2.0  # $ per hour of one model replica's device
     max_quality_drop: float = 1.0  # points (of %)
+    method_params: dict = field(default_factory=dict)  # each method's run gets those it takes
     job: JobConfig = field(default_factory=JobConfig)  # everything else of the runs (batch size, ...)
 
 
@@ -111,8 +112,12 @@ def settings(cfg: CompareConfig) -> list[CompareSetting]:
 
 
 def job_config(cfg: CompareConfig, s: CompareSetting) -> JobConfig:
+    """The setting's job, resolved; raises JobError."""
+    takes = get_method(s.method).params
+    params = {k: v for k, v in cfg.method_params.items() if k in takes}
     return replace(cfg.job, input=cfg.input, model=cfg.model, method=s.method, keep=s.keep, rate=None,
-                   limit=cfg.limit, overwrite=False, output=posixpath.join(cfg.output, "runs", s.name))
+                   method_params=params, limit=cfg.limit, overwrite=False,
+                   output=posixpath.join(cfg.output, "runs", s.name)).resolved()
 
 
 def check(cfg: CompareConfig) -> tuple[list[CompareSetting], list[str] | None]:
@@ -131,6 +136,9 @@ def check(cfg: CompareConfig) -> tuple[list[CompareSetting], list[str] | None]:
             get_method(m)
         except ValueError as e:
             raise JobError(f"--methods: {e}") from None
+    for name in cfg.method_params:
+        if not any(name in get_method(m).params for m in cfg.methods):
+            raise JobError(f"--method-param {name}: no method of --methods ({', '.join(cfg.methods)}) takes it")
     for k in cfg.keeps:
         if isinstance(k, bool) or k < 1:  # a keep above a sample's image tokens applies all (the row says so)
             raise JobError(f"--keeps {k} is out of range: keep must be >= 1")
