@@ -359,8 +359,11 @@ def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int,
         start = K
 
     with _observe(observer, "layers", layers=range(start, num_layers), shape=tuple(h.shape[:2])):
-        h = run_layers(adapter, range(start, num_layers), h, causal_mask(pad, h.dtype), adapter.rope(h, positions),
-                       cache)
+        if stage == "none":  # the whole prompt: enough work a launch that compiling buys nothing
+            h = run_layers(adapter, range(0, num_layers), h, causal_mask(pad, h.dtype), adapter.rope(h, positions),
+                           cache)
+        else:  # the kept prompt, short enough that kernel launches can dominate
+            h = (decoder or EAGER).kept_layers(adapter, range(start, num_layers), h, pad, positions, cache)
     segments.append(Segment(range(start, num_layers), pad))
     for seg in segments:  # what decode attends to in each segment's cache
         capacity = cache.keys[seg.layers[0]].shape[2]
@@ -403,6 +406,30 @@ def _layer_signals(adapter: Adapter, batch: Batch, h: Tensor, keys: Tensor,
     }
 
 
+class _Kept:
+    """A cache that keeps each layer's keys and values as computed (the `update` call of
+    transformers' attention modules), for `kept_prefill` to return them."""
+
+    def __init__(self):
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, kwargs: dict | None = None) -> tuple[Tensor, Tensor]:
+        self.keys.append(key)
+        self.values.append(value)
+        return key, value
+
+
+def kept_prefill(adapter: Adapter, layers: range, h: Tensor, pad: Tensor,
+                 positions: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The prefill of `layers` on h [R, W, D] (pad [R, W], positions [P, R, W]) as one
+    function of tensors, for `Decoder` to compile: returns h and each layer's keys and
+    values [R, kv_heads, W, hd], which the caller writes into its cache."""
+    kept = _Kept()
+    h = run_layers(adapter, layers, h, causal_mask(pad, h.dtype), adapter.rope(h, positions), kept)
+    return h, kept.keys, kept.values
+
+
 def decode_step(adapter: Adapter, state: State, tokens: Tensor, step: Tensor) -> Tensor:
     """One new token per row through every layer. tokens: [R], one per cache row; step: []
     long, the decode steps before this one. Each layer writes the token's key and value at
@@ -421,25 +448,31 @@ def decode_step(adapter: Adapter, state: State, tokens: Tensor, step: Tensor) ->
 
 
 class Decoder:
-    """How decode steps run. Eager (the default): the batch's exact shapes, fresh cache
-    buffers, `decode_step` as it is. Compiled: `decode_step` through `torch.compile`; on
-    CUDA also captured as CUDA graphs (mode "reduce-overhead"), one a shape, replayed as one
-    launch a step. A graph reads its cache at fixed addresses and is captured per shape, so
-    there the batch is padded to `batch_bucket` rows, capacities are rounded by `bucket`,
-    and cache buffers are kept and reused by every batch of the same shape. `buckets` and
-    `reuse` force the shaping and the reuse on or off (to test them on a CPU)."""
+    """How decode steps, and the prefill's layers on a pruned prompt, run. Eager (the
+    default): the batch's exact shapes, fresh cache buffers, `decode_step` and the layers as
+    they are. Compiled: `decode_step` through `torch.compile`; on CUDA also captured as CUDA
+    graphs (mode "reduce-overhead"), one a shape, replayed as one launch a step. A graph
+    reads its cache at fixed addresses and is captured per shape, so there the batch is
+    padded to `batch_bucket` rows, capacities are rounded by `bucket`, and cache buffers are
+    kept and reused by every batch of the same shape. On CUDA the layers after a selection
+    (`kept_layers`) are compiled and captured too, by length bucket: at a few dozen kept
+    tokens a row they are launch-bound as decode is. `buckets`, `reuse` and `prefill` force
+    the shaping, the reuse and the compiled prefill on or off (to test them on a CPU)."""
 
     def __init__(self, compiled: bool = False, device: torch.device | str = "cpu", buckets: bool | None = None,
-                 reuse: bool | None = None):
+                 reuse: bool | None = None, prefill: bool | None = None):
         self.compiled = compiled
         self.graphs = compiled and torch.device(device).type == "cuda"
         self.buckets = self.graphs if buckets is None else buckets
         self.reuse = self.graphs if reuse is None else reuse
+        self.prefill = compiled and (self.graphs if prefill is None else prefill)
         self.buffers: dict[tuple, Tensor] = {}
-        self.compiled_step = None
+        self.compiled_step = self.compiled_prefill = None
+        mode = "reduce-overhead" if self.graphs else None
         if compiled:  # fullgraph: a graph break would be host work inside the step
-            self.compiled_step = torch.compile(decode_step, fullgraph=True,
-                                               mode="reduce-overhead" if self.graphs else None)
+            self.compiled_step = torch.compile(decode_step, fullgraph=True, mode=mode)
+        if self.prefill:
+            self.compiled_prefill = torch.compile(kept_prefill, fullgraph=True, mode=mode)
 
     def cache(self, num_layers: int, room: int, batch: int) -> KVCache:
         rows = max(batch, 2) if self.compiled else batch  # one row would compile a graph of its own
@@ -460,6 +493,31 @@ class Decoder:
             torch._dynamo.mark_static_address(buf)
         self.buffers[key] = buf  # most recently used last
         return buf
+
+    def kept_layers(self, adapter: Adapter, layers: range, h: Tensor, pad: Tensor, positions: Tensor,
+                    cache: KVCache) -> Tensor:
+        """h [B, L, D] (pad [B, L], positions [P, B, L]) through `layers`, each writing its
+        prompt into `cache`. Compiled: on the cache's rows and the length rounded by `bucket`
+        where shapes are bucketed, so that one captured graph serves every batch whose kept
+        prompt falls in the same bucket. The padding goes to the right of the prompt, where
+        causal attention keeps it out of every real token's row, and is dropped after."""
+        if not self.prefill:
+            return run_layers(adapter, layers, h, causal_mask(pad, h.dtype), adapter.rope(h, positions), cache)
+        b, n = pad.shape
+        rows, width = cache.rows, bucket(n) if self.buckets else n
+        h_in = torch.nn.functional.pad(h, (0, 0, 0, width - n, 0, rows - b))  # [R, W, D]
+        pad_in = torch.nn.functional.pad(pad, (0, width - n, 0, rows - b))  # [R, W], False past the prompt
+        positions_in = torch.nn.functional.pad(positions, (0, width - n, 0, rows - b))  # [P, R, W]
+        for x, dims in ((h_in, (0, 1)), (pad_in, (0, 1)), (positions_in, (1, 2))):
+            for d in dims:
+                torch._dynamo.maybe_mark_dynamic(x, d)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
+            out, keys, values = self.compiled_prefill(adapter, layers, h_in, pad_in, positions_in)
+        for i, k, v in zip(layers, keys, values):  # [R, kv_heads, W, hd]: the batch's prompt into the cache
+            cache.update(k[:b, :, :n], v[:b, :, :n], i)
+        return out[:b, :n]
 
     def ready(self, state: State, tokens: Tensor) -> None:
         """Before a batch's first step: its rows and capacities are marked dynamic, so that

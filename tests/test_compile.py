@@ -1,9 +1,13 @@
-"""Compiled decode against eager decode, on tiny random models in float32 on the CPU.
+"""Compiled decode (and the compiled prefill of the layers after a selection) against
+eager, on tiny random models in float32 on the CPU.
 
 `torch.compile` on two cores takes 10-40 s a graph, so the graphs are few and shared: one
 compiled `Decoder` serves a whole model (dynamo keeps its code per segment structure, so
-one graph serves unpruned and projector-stage pruning, one every in-LLM method), and the
-same compiled code serves every batch size and prompt length (checked below)."""
+one graph serves unpruned and projector-stage pruning, one every in-LLM method; the
+compiled prefill adds one for each stage), and the same compiled code serves every batch
+size and prompt length (checked below)."""
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -11,7 +15,7 @@ from torch._dynamo.utils import counters
 import tiny
 from pruner import PrunedVLM
 from pruner.methods import METHODS
-from pruner.runtime import Decoder, batch_bucket, bucket, collate, generate_tokens
+from pruner.runtime import Decoder, batch_bucket, bucket, collate, generate_tokens, prefill
 
 pytestmark = pytest.mark.timeout(900)
 SIZES = [(90, 70), (60, 100), (120, 56)]
@@ -32,9 +36,10 @@ def llava():
 
 @pytest.fixture(scope="module")
 def compiled():
-    """A compiled decoder on the batch's own shapes (as on a CPU), and one that pads the
-    batch to a power of two and rounds capacities (as for CUDA graphs)."""
-    return Decoder(compiled=True), Decoder(compiled=True, buckets=True)
+    """A compiled decoder on the batch's own shapes (as on a CPU), and one shaped as for
+    CUDA graphs: the batch padded to a power of two, capacities and kept prompts rounded by
+    `bucket`, and the prefill's layers after a selection compiled too."""
+    return Decoder(compiled=True), Decoder(compiled=True, buckets=True, prefill=True)
 
 
 def pair(model, proc, method: str, decoder: Decoder, **kw) -> tuple[PrunedVLM, PrunedVLM]:
@@ -66,7 +71,9 @@ def assert_same(a, b) -> None:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_compiled_equals_eager_for_every_method_and_batch_size(llava, compiled, method):
     """Greedy tokens of compiled decode equal eager's for batches of 1 (run as 2 rows), 3
-    and 5 (padded to 4 and 8 rows with buckets), on the batch's exact shapes and bucketed."""
+    and 5 (padded to 4 and 8 rows with buckets), on the batch's exact shapes and bucketed;
+    bucketed, the prefill's layers after the selection are compiled too (mixed prompt
+    lengths in every batch)."""
     model, proc = llava
     for decoder in compiled:
         eager, fast = pair(model, proc, method, decoder)
@@ -86,6 +93,47 @@ def test_one_compilation_serves_every_batch_size_and_prompt_length(llava, compil
         visuals, questions = items(n)
         assert_same(eager.generate(visuals, questions, max_new_tokens=new),
                     fast.generate(visuals, questions, max_new_tokens=new))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_nearby_kept_lengths_share_one_compiled_prefill_shape(llava, compiled, monkeypatch):
+    """The compiled prefill runs the kept prompt padded to its length's bucket: batches whose
+    kept prompts differ by a few tokens run one shape (on CUDA, one captured graph), compile
+    nothing new, and give eager's logits. The observer still sees each segment."""
+    model, proc = llava
+    decoder = compiled[1]
+    vlm = PrunedVLM(model, proc, method="vlm-pruner", keep=5, compile=False)
+    shapes = []
+    compiled_prefill = decoder.compiled_prefill
+
+    def spy(adapter, layers, h, pad, positions):
+        shapes.append(tuple(h.shape[:2]))  # [R, W]
+        return compiled_prefill(adapter, layers, h, pad, positions)
+
+    monkeypatch.setattr(decoder, "compiled_prefill", spy)
+    words = [f"w{i}" for i in range(20)]
+    questions = [" ".join(words[:k]) for k in (9, 12, 16)]  # 17 to 24 kept tokens: bucket 32
+    graphs, widths = None, set()
+    for n, question in enumerate(questions, 1):
+        samples = vlm.preprocess([tiny.image(i) for i in range(2)], [question, "w1 w2 ?"])
+        seen = []
+
+        @contextmanager
+        def observer(segment, **info):
+            seen.append((segment, info.get("layers")))
+            yield
+
+        with torch.inference_mode():
+            batch = collate(vlm.adapter, samples, vlm.device)
+            want, _ = prefill(vlm.adapter, vlm.plan, batch, room=3)
+            got, state = prefill(vlm.adapter, vlm.plan, batch, room=3, observer=observer, decoder=decoder)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert [s for s in seen if s[0] == "layers"] == [("layers", range(0, 2)), ("layers", range(2, 4))]
+        widths.add(max(state.prompt_tokens_kept))
+        if n == 1:
+            graphs = counters["stats"]["unique_graphs"]
+    assert len(widths) == 3 and all(17 <= w <= 32 for w in widths)
+    assert shapes == [(2, 32)] * 3
     assert counters["stats"]["unique_graphs"] == graphs
 
 
