@@ -1,5 +1,6 @@
 """jobs/benchmark.py on tiny models: the runtime report has every column and sane values, KV
-bytes read from the runtime's cache equal the formula, the meters (`pipeline.bench.profiling`, the
+bytes read from the runtime's cache equal the formula, the roofline's arithmetic gives known
+answers, the meters (`pipeline.bench.profiling`, the
 prefill meter through prefill's observer) and the random-weight builder work. The real
 measurements run in the job, not here."""
 import json
@@ -12,10 +13,12 @@ import torch
 
 import tiny
 from pruner import PrunedVLM
-from pipeline.bench.runtime import parse_methods
+from pipeline.bench import roofline
+from pipeline.bench.runtime import parse_methods, roofline_caps
 from pruner.flops import LLMShape, full_layers
 from pruner.methods import METHODS
-from pipeline.bench.profiling import PeakMemory, PrefillMeter, kv_bytes, random_weights
+from pipeline.bench.profiling import (PeakMemory, PrefillMeter, decode_weight_bytes, kv_bytes, layer_weight_bytes,
+                                      random_weights, vision_weight_bytes)
 from pruner.runtime import collate, prefill
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
 TIME_COLUMNS = ["method", "keep", "batch", "prefill s", "speedup", "FLOPs", "meas./FLOPs", "end-to-end s"]
+ROOFLINE_COLUMNS = ["vision ms", "prefill < K ms", "prefill >= K ms", "decode ms", "end-to-end speedup", "roofline",
+                    "meas./roofline", "prefill speedup"]
 MEMORY_COLUMNS = ["selection ms", "% of prefill", "GFLOP/s full / kept layers", "peak MiB prefill",
                   "peak MiB generate", "KV MiB/sample", "KV ratio", "formula"]
 ROW_KEYS = {"method", "keep", "rate", "batch", "prompt_tokens", "prompt_tokens_kept", "image_tokens",
@@ -32,7 +37,8 @@ ROW_KEYS = {"method", "keep", "rate", "batch", "prompt_tokens", "prompt_tokens_k
             "kv_bytes_formula", "kv_ratio", "kv_ratio_formula", "layers_full_gflops_per_s",
             "layers_kept_gflops_per_s", "prefill_runs_s", "selection_runs_s", "e2e_runs_s", "compiled", "decode_ms",
             "decode_spread_ms", "decode_floor_ms", "decode_vs_floor", "decode_speedup_compiled", "e2e_speedup_compiled",
-            "warm_up_s", "decode_runs_s"}
+            "warm_up_s", "decode_runs_s", "roofline_ms", "roofline_bound", "prefill_speedup_roofline",
+            "prefill_vs_roofline", "e2e_speedup_roofline", "e2e_vs_roofline"}
 
 
 def benchmark(*args: str) -> str:
@@ -61,12 +67,13 @@ def test_report_has_every_row_and_column(report):
     for r in rows:
         assert set(r) == ROW_KEYS
         assert len(r["prefill_runs_s"]) == len(r["e2e_runs_s"]) == 2
-    for column in TIME_COLUMNS + MEMORY_COLUMNS:
+    for column in TIME_COLUMNS + MEMORY_COLUMNS + ROOFLINE_COLUMNS:
         assert f"| {column} |" in text
     assert "| keep | chunk 16 | chunk 1 |" in text
     assert [(c["keep"], c["chunk"]) for c in data["chunks"]] == [(6, 16), (6, 1)]
     assert {t["target"].split(":")[0] for t in data["targets"]} >= {"vlm-pruner keep 6, batch 1"}
-    assert len(data["targets"]) == 6  # speed limit, selection at 1 and 2, throughput x 2, KV
+    assert len(data["targets"]) == 8  # speed limit, selection at 1 and 2, throughput x 2, roofline at 1 and 2, KV
+    assert data["meta"]["matmul_rate"] > 0 and data["meta"]["bandwidth"] > 0
 
 
 @pytest.mark.slow
@@ -92,6 +99,8 @@ def test_compiled_decode_side_by_side(model_dir):
 def test_values_are_consistent(report):
     data, _ = report
     for r in data["rows"]:
+        assert set(r["roofline_ms"]) == set(roofline.PHASES) and r["roofline_ms"]["decode"] > 0
+        assert r["e2e_vs_roofline"] == pytest.approx(r["e2e_speedup"] / r["e2e_speedup_roofline"])
         assert 0 <= r["selection_frac"] < 1
         assert r["prefill_s"] > 0 and r["e2e_s"] > 0
         assert r["peak_prefill_bytes"] > 0 and r["peak_generate_bytes"] > 0
@@ -101,14 +110,79 @@ def test_values_are_consistent(report):
         assert (r["layers_full_gflops_per_s"] is None) == (stage == "projector")  # every layer sees the kept prompt
         assert (r["layers_kept_gflops_per_s"] is None) == (stage == "none")
         if r["method"] == "none":
-            assert r["prefill_speedup"] == r["prefill_speedup_flops"] == 1
+            assert r["prefill_speedup"] == r["prefill_speedup_flops"] == r["e2e_speedup_roofline"] == 1
             assert r["selection_ms"] == 0 and r["kv_ratio"] == 1
         else:
             assert r["selection_ms"] > 0
             assert r["image_tokens_kept"] == r["keep"]
+            assert r["e2e_speedup_roofline"] > 1  # fewer FLOPs and KV bytes in every phase, the same weights
             assert r["prefill_speedup_flops"] > 1 and r["kv_ratio"] < 1
     kv = {r["method"]: r["kv_ratio_formula"] for r in data["rows"] if r["batch"] == 1}
     assert kv["divprune"] < kv["vlm-pruner"] == kv["fastv"] == kv["dart"] < 1  # divprune prunes before layer 0
+
+
+# a small LLM whose numbers are easy by hand: layer(n, ctx) = 1152 n + 32 n ctx FLOPs
+# (q, o 2n*8*8 each, k, v 2n*8*4 each, attention 4 n ctx 8, MLP 6 n 8 16), LM head 2*8*32 = 512;
+# KV 2 * 4 * 2 = 16 bytes a token and layer in 2-byte floats
+SMALL = LLMShape(layers=4, hidden=8, q_dim=8, kv_dim=4, intermediate=16, mlp_matrices=3, vocab=32)
+WEIGHTS = roofline.Weights(vision=1000, layer=2000, head=600)
+
+
+def test_roofline_phases_bound_by_bytes_or_by_flops():
+    """Batch 1, prompt 100, kept 20 after layer K = 2, 2 decode steps, at 1000 FLOP/s and 100
+    B/s. Vision 5000 FLOPs, 1000 B: 10 s, bytes. Layers < K: 2 * layer(100, 100) = 870400
+    FLOPs against 2 * (2000 + 100 * 16) B: 870.4 s, FLOPs. Layers >= K and the head:
+    2 * layer(20, 20) + 512 = 72192 FLOPs, 2 * (2000 + 20 * 16) + 600 = 5240 B: 72.192 s, FLOPs.
+    Decode step j reads 4 * 2000 + 600 B of weights and 16 * (2 (100 + j) + 2 (20 + j)) of KV:
+    125.04 + 125.68 s, bytes (12928 and 13056 FLOPs: 13 s each)."""
+    roof = roofline.Roof(matmul=1000, bandwidth=100)
+    pruned = roofline.predict(roof, roofline.phases(SMALL, WEIGHTS, batch=1, n=100, kept=20, full=2, steps=2,
+                                                    itemsize=2, vision_flops=5000))
+    assert {p: bound for p, (_, bound) in pruned.items()} == {
+        "vision": "bytes", "prefill_full": "flops", "prefill_kept": "flops", "decode": "bytes"}
+    seconds = {p: t for p, (t, _) in pruned.items()}
+    assert seconds == pytest.approx({"vision": 10, "prefill_full": 870.4, "prefill_kept": 72.192,
+                                     "decode": 125.04 + 125.68})
+    # unpruned: every layer on 100 tokens (1740.8 s, FLOPs), the head alone (600 B: 6 s, bytes),
+    # decode 8600 + 16 * 4 * (100 + j) B: 150.64 + 151.28 s
+    unpruned = roofline.predict(roof, roofline.phases(SMALL, WEIGHTS, batch=1, n=100, kept=100, full=4, steps=2,
+                                                      itemsize=2, vision_flops=5000))
+    assert [unpruned[p][0] for p in roofline.PHASES] == pytest.approx([10, 1740.8, 6, 150.64 + 151.28])
+    assert roofline.total(unpruned) / roofline.total(pruned) == pytest.approx(2058.72 / 1203.312)
+    assert (roofline.total(unpruned, roofline.PREFILL) / roofline.total(pruned, roofline.PREFILL)
+            == pytest.approx(1746.8 / 942.592))
+    # a batch of 8 at a fast matmul: decode stays bound by bytes, its weights read once for all rows
+    big = roofline.phases(SMALL, WEIGHTS, batch=8, n=100, kept=20, full=2, steps=2, itemsize=2, vision_flops=5000)
+    assert big["decode"][0][1] == 8600 + 8 * 16 * (2 * 101 + 2 * 21)
+    # the phases' FLOPs are pruner.flops': prefill and decode split, not recounted
+    work = roofline.phases(SMALL, WEIGHTS, batch=3, n=100, kept=20, full=2, steps=5, itemsize=2, vision_flops=0)
+    assert work["vision"] == []
+    assert sum(f for p in roofline.PREFILL for f, _ in work[p]) == 3 * SMALL.prefill(2, 100, 20)
+    assert sum(f for f, _ in work["decode"]) == 3 * SMALL.decode(2, 100, 20, 5)
+
+
+def test_roofline_weights_split_the_model():
+    """Vision side, every decoder layer, norm and LM head, and the embedding table: each
+    weight counted once."""
+    model, _ = tiny.llava()
+    layers = model.config.text_config.num_hidden_layers
+    embed = model.model.language_model.embed_tokens.weight.nbytes
+    head = decode_weight_bytes(model) - layers * layer_weight_bytes(model)
+    assert head == model.lm_head.weight.nbytes + model.model.language_model.norm.weight.nbytes
+    total = sum(p.nbytes for p in model.parameters())
+    assert vision_weight_bytes(model) + layers * layer_weight_bytes(model) + head + embed == total
+    assert vision_weight_bytes(model) == sum(p.nbytes for m in (model.model.vision_tower,
+                                                                 model.model.multi_modal_projector)
+                                             for p in m.parameters())
+
+
+def test_the_report_says_where_the_roofline_caps_the_gain():
+    row = {"method": "vlm-pruner", "keep": 64, "rate": None, "batch": 1, "e2e_runs_s": [1.0],
+           "e2e_speedup_flops": 3.36, "e2e_speedup_roofline": 1.1}
+    line = roofline_caps([row, {**row, "batch": 32, "e2e_speedup_roofline": 3.0}], 16)
+    assert line.startswith("The roofline caps the end-to-end gain with 16 new tokens")
+    assert "vlm-pruner 64 at batch 1: 1.10x (FLOPs: 3.36x)." in line and "batch 32" not in line
+    assert roofline_caps([{**row, "e2e_speedup_roofline": 3.0}], 16) is None
 
 
 def test_kv_bytes_from_the_cache_equal_the_formula():

@@ -152,6 +152,35 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5
     return 2 * nbytes / statistics.median(times)
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul in `dtype` (median of `repeats` after a warm-up), 2 per
+    multiply-add: the arithmetic rate a large prefill can hope for. `size` defaults to 8192
+    on CUDA (long enough to time), 1024 elsewhere."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+
+    def call() -> None:
+        a @ b
+        sync(device)
+
+    median, _ = time_runs(call, repeats)
+    return 2 * size**3 / median
+
+
+def vision_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes the vision side reads once a forward: everything outside the LLM and
+    its LM head (the tower and the projector)."""
+    llm = {id(p) for m in (model.model.language_model, model.lm_head) for p in m.parameters()}
+    return sum(p.nbytes for p in model.parameters() if id(p) not in llm)
+
+
+def layer_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes of one decoder layer (they are all alike)."""
+    layers = model.model.language_model.layers
+    return sum(p.nbytes for p in layers.parameters()) // len(layers)
+
+
 def decode_weight_bytes(model: torch.nn.Module) -> int:
     """Weight bytes a decode step reads: the LLM's decoder layers, final norm and LM head
     (the embedding table is read a row a sample, so it does not count)."""

@@ -25,8 +25,9 @@ import torch
 
 from pruner.flops import LLMShape, full_layers, sample_flops
 from pruner.methods import METHODS, Signals
-from .profiling import (PeakMemory, PrefillMeter, RandomTower, copy_bandwidth, decode_weight_bytes, kv_bytes, sync,
-                        time_runs, workload)
+from . import roofline
+from .profiling import (PeakMemory, PrefillMeter, RandomTower, copy_bandwidth, decode_weight_bytes, kv_bytes,
+                        layer_weight_bytes, matmul_rate, sync, time_runs, vision_weight_bytes, workload)
 from pruner.runtime import Decoder, State, collate, prefill
 from pruner.vlm import PrunedVLM
 
@@ -355,15 +356,18 @@ def _stats(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(model, runs_by_batch: dict[int, dict[Setting, Runs]], *, prune_layer: int, new_tokens: int,
-              sample_vision: dict | int, bandwidth: float | None = None) -> list[dict]:
+              sample_vision: dict | int, roof: roofline.Roof | None = None) -> list[dict]:
     """One row per (batch, setting): medians per sample, speedups (against unpruned decoded
     the same way, eager or compiled), FLOPs predictions, memory, decode ms a step and, given
-    the device's copy `bandwidth` (bytes/s), the decode floor: the bytes a step must read
-    (the decoder layers' and LM head's weights, the batch's KV cache) over it."""
+    the device's measured limits `roof`, the decode floor (the bytes a step must read: the
+    decoder layers' and LM head's weights, the batch's KV cache, over the bandwidth) and the
+    roofline prediction per phase (`pipeline.bench.roofline`) with the speedup it predicts."""
     text = model.config.text_config
     llm = LLMShape.of(text)
     itemsize = next(model.parameters()).element_size()
     weights = decode_weight_bytes(model)
+    layer = layer_weight_bytes(model)
+    phase_weights = roofline.Weights(vision=vision_weight_bytes(model), layer=layer, head=weights - llm.layers * layer)
     rows = []
     for batch, runs in runs_by_batch.items():
         for s, r in runs.items():
@@ -389,7 +393,15 @@ def summarize(model, runs_by_batch: dict[int, dict[Setting, Runs]], *, prune_lay
             formula = llm.kv_bytes(full, n, kept, itemsize)
             formula_none = llm.kv_bytes(llm.layers, n, n, itemsize)
             decode, decode_spread = _stats(r.decode)
-            floor = (weights + batch * r.kv_bytes) / bandwidth if bandwidth else None
+            floor = (weights + batch * r.kv_bytes) / roof.bandwidth if roof else None
+            roofs = {}  # phase -> (least seconds a batch, bound), this setting's and unpruned's
+            if roof:
+                for key, (k, f) in (("this", (kept, full)), ("none", (n, llm.layers))):
+                    work = roofline.phases(llm, phase_weights, batch=batch, n=n, kept=k, full=f,
+                                           steps=max(new_tokens - 1, 0), itemsize=itemsize,
+                                           vision_flops=flops.flops_vision)
+                    roofs[key] = roofline.predict(roof, work)
+            predicted_roofline = _roofline_speedups(roofs)
             rows.append({
                 "method": s.label, "keep": s.keep, "rate": s.rate, "batch": batch, "compiled": s.compiled,
                 "prompt_tokens": n, "prompt_tokens_kept": kept, "image_tokens": r.image_tokens,
@@ -412,10 +424,28 @@ def summarize(model, runs_by_batch: dict[int, dict[Setting, Runs]], *, prune_lay
                 "decode_speedup_compiled": _stats(eager.decode)[0] / decode if s.compiled and eager else None,
                 "e2e_speedup_compiled": _stats(eager.end_to_end)[0] / e2e if s.compiled and eager else None,
                 "warm_up_s": r.warm_up,
+                "roofline_ms": {p: 1e3 * t / batch for p, (t, _) in roofs["this"].items()} if roofs else None,
+                "roofline_bound": {p: bound for p, (_, bound) in roofs["this"].items()} if roofs else None,
+                "prefill_speedup_roofline": predicted_roofline["prefill"],
+                "prefill_vs_roofline": _ratio(prefill_speedup, predicted_roofline["prefill"]),
+                "e2e_speedup_roofline": predicted_roofline["e2e"],
+                "e2e_vs_roofline": _ratio(e2e_speedup, predicted_roofline["e2e"]),
                 "prefill_runs_s": r.prefill, "selection_runs_s": r.selection, "decode_runs_s": r.decode,
                 "e2e_runs_s": r.end_to_end,
             })
     return rows
+
+
+def _roofline_speedups(roofs: dict) -> dict[str, float | None]:
+    """Unpruned's least time over this setting's, for the prefill phases and for all."""
+    if not roofs:
+        return {"prefill": None, "e2e": None}
+    return {"prefill": roofline.total(roofs["none"], roofline.PREFILL) / roofline.total(roofs["this"], roofline.PREFILL),
+            "e2e": roofline.total(roofs["none"]) / roofline.total(roofs["this"])}
+
+
+def _ratio(a: float, b: float | None) -> float | None:
+    return None if b is None else a / b
 
 
 def _layer_rates(llm, segments_per_round: list[list[tuple]], prompt: int) -> dict[str, float | None]:
@@ -476,7 +506,9 @@ def run(model, processor, name: str, images: Callable[[int], list], *, settings:
         "new_tokens": new_tokens, "prune_layer": prune_layer, "repeats": repeats,
         "warmup": warmup, "weights_bytes": sum(p.nbytes for p in model.parameters()),
         "decode_weights_bytes": decode_weight_bytes(model),
-        "bandwidth": copy_bandwidth(device) if device.type == "cuda" else None,  # bytes/s, for the decode floor
+        # the device's limits, measured once a run: the decode floor and the roofline
+        "bandwidth": copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 28),  # bytes/s
+        "matmul_rate": matmul_rate(device, next(model.parameters()).dtype),  # FLOP/s
         "memory": PeakMemory.method(device), "command": " ".join(sys.argv),
     }
     keeps = list(dict.fromkeys(s.keep for s in settings if s.keep is not None))
@@ -494,7 +526,8 @@ def run(model, processor, name: str, images: Callable[[int], list], *, settings:
             chunk_rows = chunk_comparison(capture["signals"], list(dict.fromkeys(budgets)), chunks,
                                           selection_repeats)
         rows = summarize(model, runs_by_batch, prune_layer=prune_layer, new_tokens=new_tokens,
-                         sample_vision=sample.vision if tower else 0, bandwidth=meta["bandwidth"])
+                         sample_vision=sample.vision if tower else 0,
+                         roof=roofline.Roof(meta["matmul_rate"], meta["bandwidth"]))
         goals = targets(rows, target_keep, rate=target_rate)
         meta["seconds"] = time.perf_counter() - started
         text = markdown(meta, rows, chunk_rows, goals)
@@ -509,7 +542,8 @@ def run(model, processor, name: str, images: Callable[[int], list], *, settings:
 
 def targets(rows: list[dict], keep: int | None, method: str = "vlm-pruner", rate: float | None = None) -> list[dict]:
     """The runtime's targets (prefill speedup against the FLOPs prediction, selection share,
-    KV cache, batching gain) at `keep` (or `rate`), where the rows hold what they need."""
+    KV cache, batching gain, end to end against the roofline: compiled where measured) at
+    `keep` (or `rate`), where the rows hold what they need."""
     def row(batch: int, label: str = method) -> dict | None:
         return next((r for r in rows if r["batch"] == batch and r["method"] == label and
                      ((r["keep"], r["rate"]) == (keep if rate is None else None, rate) or label == "none")), None)
@@ -533,6 +567,12 @@ def targets(rows: list[dict], keep: int | None, method: str = "vlm-pruner", rate
             name = "end-to-end" if phase == "e2e" else "prefill"
             out.append({"target": f"{method} {budget}: batch {big} {name} throughput >= 1.3 x batch 1",
                         "value": ratio, "limit": 1.3, "met": ratio >= 1.3})
+    for b in batches:
+        r = row(b, f"{method} compiled") or row(b)
+        if r and r["e2e_runs_s"] and r["e2e_vs_roofline"] is not None:
+            out.append({"target": f"{r['method']} {budget}, batch {b}: measured end-to-end speedup >= 0.8 x "
+                                  "roofline-predicted", "value": r["e2e_vs_roofline"], "limit": 0.8,
+                        "met": r["e2e_vs_roofline"] >= 0.8})
     if b1:
         err = b1["kv_ratio"] / b1["kv_ratio_formula"] - 1
         out.append({"target": f"{method} {budget}: KV cache / unpruned within 5 % of (K*n + (T-K)*n_kept) / (T*n)",
@@ -548,12 +588,60 @@ def _budget_cell(r: dict) -> str:
     return str(r["keep"] or "-")
 
 
+def roofline_markdown(meta: dict, rows: list[dict]) -> str:
+    """The roofline table: each phase's least time and its bound, and the end-to-end and
+    prefill speedups measured, FLOPs-predicted and roofline-predicted; then one line naming
+    the settings whose gain the roofline caps well below the FLOPs'."""
+    names = {"vision": "vision", "prefill_full": "prefill < K", "prefill_kept": "prefill >= K", "decode": "decode"}
+    lines = [
+        f"Roofline: each phase's least time, the larger of its FLOPs over the measured matmul rate "
+        f"({meta['matmul_rate'] / 1e12:.2f} TFLOP/s) and its bytes (weights read, KV cache written or read) over the "
+        f"measured bandwidth ({meta['bandwidth'] / 1e9:.0f} GB/s), ms per sample, B = bound by bytes, F = by FLOPs; "
+        "decode is bound step by step (`pipeline.bench.roofline`). Speedups against unpruned at the same batch size: "
+        "measured, FLOPs-predicted, roofline-predicted (the phases' least times summed) and measured / roofline.",
+        "",
+        "| method | keep | batch | " + " | ".join(f"{names[p]} ms" for p in roofline.PHASES)
+        + " | end-to-end speedup | FLOPs | roofline | meas./roofline | prefill speedup | roofline | meas./roofline |",
+        "|---|---|---|" + "---|" * (len(roofline.PHASES) + 7),
+    ]
+
+    def cell(x: float | None, suffix: str = "") -> str:
+        return "-" if x is None or x != x else f"{x:.2f}{suffix}"  # None or NaN (prefill only)
+
+    for r in rows:
+        phases = [f"{r['roofline_ms'][p]:.3g} ({r['roofline_bound'][p][0].upper()})" if r["roofline_ms"].get(p)
+                  else "-" for p in roofline.PHASES]
+        lines.append("| " + " | ".join([
+            r["method"], _budget_cell(r), str(r["batch"]), *phases,
+            cell(r["e2e_speedup"], "x"), cell(r["e2e_speedup_flops"] if r["e2e_runs_s"] else None, "x"),
+            cell(r["e2e_speedup_roofline"] if r["e2e_runs_s"] else None, "x"), cell(r["e2e_vs_roofline"]),
+            cell(r["prefill_speedup"], "x"), cell(r["prefill_speedup_roofline"], "x"), cell(r["prefill_vs_roofline"]),
+        ]) + " |")
+    capped = roofline_caps(rows, meta["new_tokens"])
+    return "\n".join(lines + (["", capped] if capped else []))
+
+
+def roofline_caps(rows: list[dict], new_tokens: int) -> str | None:
+    """One line naming the pruned settings whose end-to-end gain the roofline caps below
+    0.8 of the FLOPs' (decode reads every weight each step, so at small batches pruning saves
+    only the KV cache's share of its bytes), or None."""
+    capped = [r for r in rows if r["e2e_runs_s"] and r["e2e_speedup_roofline"]
+              and r["e2e_speedup_roofline"] < 0.8 * r["e2e_speedup_flops"]]
+    if not capped:
+        return None
+    where = "; ".join(f"{r['method']} {_budget_cell(r)} at batch {r['batch']}: {r['e2e_speedup_roofline']:.2f}x "
+                      f"(FLOPs: {r['e2e_speedup_flops']:.2f}x)" for r in capped)
+    return (f"The roofline caps the end-to-end gain with {new_tokens} new tokens, well below the FLOPs' "
+            f"prediction (bytes-bound phases, chiefly decode reading every weight each step, hardly shrink with "
+            f"the prompt): {where}.")
+
+
 def decode_markdown(meta: dict, rows: list[dict]) -> str:
     """The decode table: ms a step, eager and compiled, against the floor where measured."""
     gbps = f"{meta['bandwidth'] / 1e9:.0f} GB/s" if meta.get("bandwidth") else None
     floor = (f" Floor = the bytes a step must read (decoder layers, norm and LM head: "
              f"{meta['decode_weights_bytes'] / 2**30:.2f} GiB; the batch's KV cache) over the measured copy "
-             f"bandwidth ({gbps})." if gbps else " No floor: the copy bandwidth is measured on CUDA only.")
+             f"bandwidth ({gbps})." if gbps else " No floor: no copy bandwidth was measured.")
     lines = [
         f"Decode, ms a step (a batch of {meta['new_tokens'] - 1} greedy steps after prefill, median ± half spread). "
         "Compiled = `torch.compile` of the static-cache step (CUDA: also CUDA graphs); x eager = its speedup over "
@@ -632,6 +720,8 @@ def markdown(meta: dict, rows: list[dict], chunks: list[dict], goals: list[dict]
             f"| {rate} "
             f"| {r['peak_prefill_bytes'] / mb:.0f} | {r['peak_generate_bytes'] / mb:.0f} | {r['kv_bytes'] / mb:.1f} "
             f"| {r['kv_ratio']:.3f} | {r['kv_ratio_formula']:.3f} |")
+    if any(r["roofline_ms"] for r in rows):
+        lines += ["", roofline_markdown(meta, rows)]
     if any(r["decode_runs_s"] for r in rows):
         lines += ["", decode_markdown(meta, rows)]
     if chunks:
