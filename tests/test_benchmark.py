@@ -88,7 +88,7 @@ def test_compiled_decode_side_by_side(model_dir):
             if line.startswith("| ") and "---" not in line][1:]
     assert [r[0] for r in rows] == ["none", "vlm-pruner", "none compiled", "vlm-pruner compiled"]
     for method, keep, batch, ms, floor, of_floor, step, e2e, warm_up in rows:
-        assert float(ms.split(" ± ")[0]) > 0 and floor == of_floor == "-"  # no floor on a CPU
+        assert float(ms.split(" ± ")[0]) > 0 and float(floor) > 0 and float(of_floor) > 0
         if method.endswith("compiled"):  # a later setting may reuse a graph: its warm-up can round to 0.00
             assert float(step) > 0 and float(e2e) > 0 and float(warm_up) >= 0
         else:
