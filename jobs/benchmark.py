@@ -12,12 +12,14 @@
 `runtime` (the default when no subcommand is given): what pruning saves in the real runtime,
 each method x budget against unpruned at each batch size, in interleaved rounds (a warm-up,
 then `--repeats`; medians, spread = max - min): prefill and end-to-end seconds per sample and
-speedups next to the FLOPs-predicted ones, the selection's share of the pruned prefill, peak
-memory, KV-cache bytes, and VLM-Pruner's selection at chunk 16 vs 1 on the model's real layer
-K-1 signals; decode ms a step. `--compile on` measures every setting twice in the same
-rounds, eager and with the compiled decode step, and reports the compile seconds and, on CUDA,
-each step against its floor (the bytes it reads over the measured copy bandwidth); `auto`:
-on where `PrunedVLM` compiles by default (CUDA). `--new-tokens 128` is the captioning case.
+speedups next to the FLOPs-predicted and the roofline-predicted ones (per phase, the larger of
+FLOPs over a measured matmul rate and bytes over the measured copy bandwidth), the selection's
+share of the pruned prefill, peak memory, KV-cache bytes, and VLM-Pruner's selection at chunk
+16 vs 1 on the model's real layer K-1 signals; decode ms a step against its floor (the bytes
+it reads over the bandwidth). `--compile on` measures every setting twice in the same
+rounds, eager and compiled (the decode step; on CUDA also the prefill's layers after the
+selection), and reports the compile seconds; `auto`: on where `PrunedVLM` compiles by default
+(CUDA). The prepared GPU run is docs/gpu-run.sh. `--new-tokens 128` is the captioning case.
 Prints Markdown; writes runtime.json + runtime.md under --out (folder or pyarrow
 URI). `--shape S --layers L`: random weights at checkpoint S's widths, LLM cut to L layers, no
 download. `--frames T`: random T-frame clips for images. `--random-features`: random tower

@@ -146,9 +146,10 @@ class PrunedVLM:
         return min(self.keep, n)
 
     def warm_up(self, batch_size: int, max_new_tokens: int) -> float:
-        """Compile the decode step (on CUDA also capture it) on a batch of `batch_size` gray
-        images decoding `max_new_tokens`, so that a job's first batch pays nothing; returns
-        the seconds it took (also in `compile_seconds`). Eager: nothing to do, 0."""
+        """Compile the decode step (on CUDA also capture it, and compile and capture the
+        prefill's layers after the selection) on a batch of `batch_size` gray images
+        decoding `max_new_tokens`, so that a job's first batch pays nothing; returns the
+        seconds it took (also in `compile_seconds`). Eager: nothing to do, 0."""
         if not self.compiled:
             return 0.0
         start = time.perf_counter()
@@ -214,9 +215,10 @@ def placement(device: str | torch.device | None = None,
 
 
 def compiles(compile: bool | str, device: torch.device) -> bool:
-    """Whether decode compiles: True / False as given; "auto": on CUDA, where a step
-    replays as one CUDA graph, not on a CPU, where compiling takes longer than it saves on
-    a job of a few thousand rows (docs/compile.md)."""
+    """Whether decode compiles (and on CUDA the prefill's layers after the selection): True /
+    False as given; "auto": on CUDA, where a step replays as one CUDA graph, not on a CPU,
+    where compiling takes longer than it saves on a job of a few thousand rows
+    (docs/compile.md)."""
     if compile == "auto":
         return device.type == "cuda"
     if not isinstance(compile, bool):
