@@ -125,14 +125,14 @@ def numbered_rows(source: Source, plan: InputPlan, run_dir: str, limit: int | No
     less those already done (the plan and the done set are `RunFiles` in `run_dir`)."""
     ds = source.read([f.path for f in plan.files])
     # In order: rows are numbered by position as they pass one actor, and --limit means the first
-    # rows. On the dataset's own context: a dataset copies the current one when it is read, so
-    # setting the current one here came too late for the first job in a process.
+    # rows. On the dataset's own context: a dataset copies the current context when it is read,
+    # so only its own context governs how it runs.
     ds.context.execution_options.preserve_order = True
     if limit is not None:
         ds = ds.limit(limit)
     # On the driver's node: a lost worker node must not take the row count with it. One block
     # at a time: Ray Data lets an actor run a later task first when an earlier one's input is
-    # not ready yet, which numbered rows 2-3 as 0-1 in CI.
+    # not ready yet, and the numbering must follow read order.
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     return ds.map_batches(Numberer, batch_format="pyarrow", batch_size=None, num_cpus=0, label_selector=here,
                           compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),

@@ -165,10 +165,9 @@ def test_every_source_kind_gives_one_row_per_input_row(local_ray, model_dir, tmp
 
 def test_rows_are_numbered_in_read_order_even_when_the_current_context_does_not_keep_order(
         local_ray, model_dir, tmp_path, monkeypatch):
-    """A Ray dataset copies the current Ray Data context when it is read, so setting order on
-    the current context after the read came too late for the first job in a process: rows
-    were numbered in arrival order. Order is now set on the job's dataset; the current
-    context is left as it was."""
+    """A Ray dataset copies the current Ray Data context when it is read, so order is set on
+    the job's dataset, not the current context (which is left as it was): rows are numbered in
+    read order even in a fresh process whose context does not keep order."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -183,7 +182,7 @@ def test_rows_are_numbered_in_read_order_even_when_the_current_context_does_not_
     assert plan.context.execution_options.preserve_order
     assert not ctx.execution_options.preserve_order
     # and the numbering actor gets one block at a time: Ray Data lets an actor run queued tasks
-    # out of order (rows 2-3 numbered 0-1 in a CI run of test_compare even with order kept)
+    # out of order, even with order kept
     assert stage_compute(plan, "MapBatches(Numberer)").max_tasks_in_flight_per_actor == 1
     run(cfg)
     got = output_rows(tmp_path / "out")
