@@ -126,6 +126,13 @@ def _decode_batch(batch: pa.Table) -> pa.Table:
     return pa.table({"rows": [batch.num_rows], "decoded": [decoded], "pixels": [pixels]})
 
 
+def check_read(rows: int, read: int, decoded: int) -> None:
+    """Raise unless the read benchmark read and decoded every row it wrote: a rate over fewer
+    rows would be a rate of other work."""
+    if read != rows or decoded != rows:
+        raise RuntimeError(f"wrote {rows:,} rows but read {read:,} and decoded {decoded:,}")
+
+
 def measure_read(folder: str, rows: int) -> dict:
     """Rows/s of the job's reading path (list, plan, read, number, decode; no model) over a
     corpus of `rows` rows, and the driver's peak memory; raises unless every row was read and
@@ -151,8 +158,7 @@ def measure_read(folder: str, rows: int) -> dict:
         t2 = time.perf_counter()
     finally:
         ray.shutdown()
-    if got["sum(rows)"] != rows or got["sum(decoded)"] != rows:
-        raise RuntimeError(f"wrote {rows:,} rows but read {got['sum(rows)']:,} and decoded {got['sum(decoded)']:,}")
+    check_read(rows, got["sum(rows)"], got["sum(decoded)"])
     return {"rows": rows, "files": len(plan.files), "plan_seconds": round(t1 - t0, 2),
             "read_seconds": round(t2 - t1, 2), "rows_per_second": round(rows / (t2 - t1)),
             "driver_peak_rss_mib": round(_peak_bytes() / 2**20), "driver_rss_before_mib": round(base / 2**20)}
