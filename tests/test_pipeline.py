@@ -442,13 +442,13 @@ def test_unknown_method_and_unsupported_model_fail_fast(tmp_path):
 # ---------------------------------------------------------------- kill and resume
 
 
-def test_sigkill_mid_job_then_rerun_gives_each_row_exactly_once(model_dir, tmp_path):
-    rows = good_rows(60)
+def test_sigkill_mid_job_then_rerun_gives_each_row_exactly_once(local_ray, model_dir, tmp_path):
+    rows = good_rows(40)
     data = tmp_path / "data.parquet"
     write_parquet(rows, data)
     out = tmp_path / "out"
     cmd = [sys.executable, "jobs/caption.py", "--model", model_dir, "--input", str(data), "--output", str(out),
-           "--id-column", "key", "--keep", "8", "--max-new-tokens", "24", "--batch-size", "2",
+           "--id-column", "key", "--keep", "8", "--max-new-tokens", "16", "--batch-size", "2",
            "--rows-per-file", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -458,13 +458,12 @@ def test_sigkill_mid_job_then_rerun_gives_each_row_exactly_once(model_dir, tmp_p
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     written = len(output_rows(out))
-    assert 0 < written < 60, written
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=250)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert 0 < written < 40, written
+    run(tiny.caption_config(cmd[2:]))  # the same command's configuration, in this process
     summary = json.loads((out / "_summary.json").read_text())
     ids = [r["id"] for r in output_rows(out)]
     assert sorted(ids) == sorted(r["key"] for r in rows)  # none lost, none doubled
-    assert summary["skipped"] >= written and summary["rows"] == 60
+    assert summary["skipped"] >= written and summary["rows"] == 40
 
 
 def test_the_demo_job_end_to_end_matches_direct_generation(local_ray, tmp_path):

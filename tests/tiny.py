@@ -288,3 +288,15 @@ def answerer(model_dir: str, threads: int | None = None, **job):
     from pipeline.stages import AnswerConfig, Answerer
 
     return Answerer(AnswerConfig.of(JobConfig(model=model_dir, **job).resolved()), threads)
+
+
+def caption_config(argv: list[str]):
+    """The JobConfig that `jobs/caption.py argv...` runs, for a test that reruns a command-line
+    job in this process (its Ray already up) rather than paying a second process's start-up."""
+    import argparse
+
+    from pipeline.config import JobConfig, add_job_arguments, job_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    return JobConfig(**job_kwargs(parser.parse_args(argv)))
