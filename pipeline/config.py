@@ -130,7 +130,8 @@ class JobConfig:
     threads_per_actor: int | None = _field(None, help=(
         "torch threads of a CPU model actor (default: the node's CPUs / --concurrency)"))
     compile: str = _field("auto", choices=list(COMPILE), help=(
-        "compile the decode step once per model actor (on CUDA it replays as a CUDA graph); auto: on on CUDA, "
+        "compile the decode step once per model actor (on CUDA also the prefill's layers after the selection; "
+        "both replay as CUDA graphs); auto: on on CUDA, "
         "off on a CPU, where compiling costs more than it saves (default: {default})"))
     limit: int | None = _field(None, help="only the first N input rows")
     rows_per_file: int = _field(512, help=(

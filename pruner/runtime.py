@@ -360,8 +360,8 @@ def prefill(adapter: Adapter, plan: Plan, batch: Batch, room: int,
 
     with _observe(observer, "layers", layers=range(start, num_layers), shape=tuple(h.shape[:2])):
         if stage == "none":  # the whole prompt: enough work a launch that compiling buys nothing
-            h = run_layers(adapter, range(0, num_layers), h, causal_mask(pad, h.dtype), adapter.rope(h, positions),
-                           cache)
+            h = run_layers(adapter, range(start, num_layers), h, causal_mask(pad, h.dtype),
+                           adapter.rope(h, positions), cache)
         else:  # the kept prompt, short enough that kernel launches can dominate
             h = (decoder or EAGER).kept_layers(adapter, range(start, num_layers), h, pad, positions, cache)
     segments.append(Segment(range(start, num_layers), pad))
@@ -447,6 +447,12 @@ def decode_step(adapter: Adapter, state: State, tokens: Tensor, step: Tensor) ->
     return logits_last(adapter, h)
 
 
+def _dynamo_settings():
+    """Dynamic only where `Decoder` marks it (a segment's layer range must stay a constant);
+    a graph per model and segment structure, never silently eager past dynamo's limit of 8."""
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64)
+
+
 class Decoder:
     """How decode steps, and the prefill's layers on a pruned prompt, run. Eager (the
     default): the batch's exact shapes, fresh cache buffers, `decode_step` and the layers as
@@ -513,7 +519,7 @@ class Decoder:
                 torch._dynamo.maybe_mark_dynamic(x, d)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
+        with _dynamo_settings():
             out, keys, values = self.compiled_prefill(adapter, layers, h_in, pad_in, positions_in)
         for i, k, v in zip(layers, keys, values):  # [R, kv_heads, W, hd]: the batch's prompt into the cache
             cache.update(k[:b, :, :n], v[:b, :, :n], i)
@@ -538,9 +544,7 @@ class Decoder:
             return decode_step(adapter, state, tokens, step)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-        # dynamic only where `ready` says (a segment's layer range must stay a constant); a
-        # graph per model and segment structure, never silently eager past dynamo's limit of 8
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
+        with _dynamo_settings():
             return self.compiled_step(adapter, state, tokens, step)
 
 
